@@ -1,0 +1,11 @@
+"""hidlr-hpo: Hessian-informed differential learning rates as online hyperparameter optimisation."""
+
+from __future__ import annotations
+
+from .controller import HiDLR, RefitRecord
+from .curvature import QuadraticFit, Safeguards, fit_quadratic
+from .groups import group_parameters
+from .probe import Prober
+
+__all__ = ["HiDLR", "Prober", "QuadraticFit", "RefitRecord", "Safeguards", "fit_quadratic", "group_parameters"]
+__version__ = "0.1.0"

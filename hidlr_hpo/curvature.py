@@ -1,0 +1,385 @@
+"""Quadratic model of the loss over K group learning rates: designs, least-squares fit, solve, safeguards.
+
+Pure tensor maths; nothing here knows about models, optimizers or Optuna.
+
+The model (DESIGN.md section 2), in coordinates ``x`` (one per group)::
+
+    L(x) ~= L0 - b^T x + 1/2 x^T A x          minimiser  x* = A^{-1} b   (full)
+                                                          x*_k = b_k / A_kk  (diag)
+
+The fit works in whatever coordinates the caller uses. :class:`HiDLR` fits in *multiplier* units of the
+current rates (x_k = eta_k / eta0_k), so that the least-squares problem is equally well conditioned whatever
+the scale of the learning rates, and converts back with :meth:`QuadraticFit.rescale`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+Mode = Literal["diag", "full"]
+MODES: tuple[str, ...] = ("diag", "full")
+
+__all__ = [
+    "MODES",
+    "QuadraticFit",
+    "Safeguards",
+    "SafeguardResult",
+    "apply_safeguards",
+    "axial_design",
+    "check_mode",
+    "features",
+    "fit_quadratic",
+    "influence",
+    "make_design",
+    "n_unknowns",
+    "pairwise_design",
+    "random_design",
+    "solve",
+]
+
+
+def check_mode(mode: str) -> Mode:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return mode  # type: ignore[return-value]
+
+
+def n_unknowns(k: int, mode: str) -> int:
+    """Number of coefficients of the quadratic model: 1 + 2K (diag) or 1 + K + K(K+1)/2 (full)."""
+    check_mode(mode)
+    return 1 + 2 * k if mode == "diag" else 1 + k + k * (k + 1) // 2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Probe designs: rows are probe points x^(j) in R^K.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def axial_design(k: int, delta: float = 1.0, center: float = 0.0) -> torch.Tensor:
+    """Centre plus +-delta along each axis: 2K + 1 points; determines the diagonal model exactly."""
+    _check_k_delta(k, delta)
+    eye = torch.eye(k, dtype=torch.float64)
+    points = torch.cat([torch.zeros(1, k, dtype=torch.float64), delta * eye, -delta * eye])
+    return points + center
+
+
+def pairwise_design(k: int, delta: float = 1.0, center: float = 0.0) -> torch.Tensor:
+    """Axial design plus delta * (e_j + e_k) for every pair j < k: exactly the full model's unknowns."""
+    _check_k_delta(k, delta)
+    eye = torch.eye(k, dtype=torch.float64)
+    pairs = [delta * (eye[i] + eye[j]) for i, j in itertools.combinations(range(k), 2)]
+    axial = axial_design(k, delta)
+    points = torch.cat([axial, torch.stack(pairs)]) if pairs else axial
+    return points + center
+
+
+def random_design(
+    k: int,
+    n_points: int,
+    delta: float = 1.0,
+    center: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The centre plus ``n_points - 1`` points drawn uniformly from the cube center +- delta."""
+    _check_k_delta(k, delta)
+    if n_points < 2:
+        raise ValueError(f"n_points must be >= 2 for a random design, got {n_points}")
+    cube = torch.rand(n_points - 1, k, generator=generator, dtype=torch.float64) * 2.0 - 1.0
+    points = torch.cat([torch.zeros(1, k, dtype=torch.float64), delta * cube])
+    return points + center
+
+
+def make_design(
+    design: str | int | torch.Tensor,
+    k: int,
+    mode: str,
+    delta: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Build a design by name ("axial", "pairwise"), by size (an int: a random design) or pass one through.
+
+    The design must have at least as many points as the model has unknowns.
+    """
+    if isinstance(design, torch.Tensor):
+        points = design.to(torch.float64)
+        if points.ndim != 2 or points.shape[1] != k:
+            raise ValueError(f"an explicit design must have shape (P, {k}), got {tuple(points.shape)}")
+    elif isinstance(design, bool):
+        raise ValueError(f"design must be 'axial', 'pairwise', an int or a tensor, got {design!r}")
+    elif isinstance(design, int):
+        points = random_design(k, design, delta, generator=generator)
+    elif design == "axial":
+        points = axial_design(k, delta)
+    elif design == "pairwise":
+        points = pairwise_design(k, delta)
+    else:
+        raise ValueError(f"design must be 'axial', 'pairwise', an int or a tensor, got {design!r}")
+    needed = n_unknowns(k, mode)
+    if points.shape[0] < needed:
+        hint = " (use design='pairwise' or a random design)" if mode == "full" else ""
+        raise ValueError(
+            f"a {mode} model with K={k} groups has {needed} unknowns but the design has only "
+            f"{points.shape[0]} points{hint}"
+        )
+    return points
+
+
+def _check_k_delta(k: int, delta: float) -> None:
+    if k < 1:
+        raise ValueError(f"the number of groups K must be >= 1, got {k}")
+    if not (delta > 0 and math.isfinite(delta)):
+        raise ValueError(f"delta must be a positive finite number, got {delta}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Least-squares fit.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def features(points: torch.Tensor, mode: str) -> torch.Tensor:
+    """Design matrix Phi with L = Phi @ theta, theta = (L0, b_1..b_K, A_11..A_KK[, A_jk for j < k]).
+
+    Columns: 1, -x_k, x_k^2 / 2, and in full mode x_j x_k for j < k (the two symmetric entries of
+    1/2 x^T A x add up to A_jk x_j x_k).
+    """
+    check_mode(mode)
+    p, k = points.shape
+    cols = [torch.ones(p, 1, dtype=points.dtype), -points, 0.5 * points**2]
+    if mode == "full" and k > 1:
+        pairs = list(itertools.combinations(range(k), 2))
+        cols.append(torch.stack([points[:, i] * points[:, j] for i, j in pairs], dim=1))
+    return torch.cat(cols, dim=1)
+
+
+@dataclass
+class QuadraticFit:
+    """The fitted model L(x) = L0 - b^T x + 1/2 x^T A x and its quality.
+
+    ``r2`` is 1 - SS_res / SS_tot; on a design with exactly as many points as unknowns (the default axial
+    and pairwise designs) the residual is zero by construction and ``r2`` is 1: use a larger random
+    design when R^2 should mean something.
+    """
+
+    mode: str
+    L0: float
+    b: torch.Tensor  # (K,)
+    A: torch.Tensor  # (K, K), symmetric; off-diagonal zero in diag mode
+    r2: float
+    residuals: torch.Tensor  # (P,)
+    n_points: int
+
+    @property
+    def k(self) -> int:
+        return int(self.b.numel())
+
+    @property
+    def is_finite(self) -> bool:
+        return bool(math.isfinite(self.L0) and torch.isfinite(self.b).all() and torch.isfinite(self.A).all())
+
+    def predict(self, points: torch.Tensor) -> torch.Tensor:
+        """Model loss at each row of ``points``."""
+        x = points.to(torch.float64)
+        return self.L0 - x @ self.b + 0.5 * torch.einsum("pi,ij,pj->p", x, self.A, x)
+
+    def rescale(self, scale: torch.Tensor) -> QuadraticFit:
+        """The same model in coordinates eta = scale * x: b_k -> b_k / s_k, A_jk -> A_jk / (s_j s_k)."""
+        s = scale.to(torch.float64)
+        return QuadraticFit(
+            mode=self.mode,
+            L0=self.L0,
+            b=self.b / s,
+            A=self.A / torch.outer(s, s),
+            r2=self.r2,
+            residuals=self.residuals,
+            n_points=self.n_points,
+        )
+
+
+def fit_quadratic(points: torch.Tensor, losses: torch.Tensor, mode: str = "diag") -> QuadraticFit:
+    """Least-squares fit of the quadratic model to ``losses[j] = L(points[j])``, in float64.
+
+    Non-finite losses do not raise: they give a fit whose coefficients are NaN (``is_finite`` is False),
+    which the safeguards reject.
+    """
+    check_mode(mode)
+    x = points.to(torch.float64)
+    y = losses.detach().to(torch.float64).reshape(-1)
+    p, k = x.shape
+    if y.numel() != p:
+        raise ValueError(f"got {y.numel()} losses for {p} probe points")
+    needed = n_unknowns(k, mode)
+    if p < needed:
+        raise ValueError(f"a {mode} model with K={k} has {needed} unknowns; {p} points cannot determine it")
+    if not torch.isfinite(y).all():
+        nan = torch.full((k,), math.nan, dtype=torch.float64)
+        return QuadraticFit(mode, math.nan, nan, torch.full((k, k), math.nan, dtype=torch.float64),
+                            math.nan, torch.full((p,), math.nan, dtype=torch.float64), p)
+    phi = features(x, mode)
+    # Centre the targets before solving: losses are ~O(1) apart from tiny probe differences, and
+    # subtracting the mean keeps those differences from drowning in the constant.
+    y_mean = y.mean()
+    theta = torch.linalg.lstsq(phi, (y - y_mean).unsqueeze(1), driver="gelsd").solution.squeeze(1)
+    residuals = y - y_mean - phi @ theta
+    ss_res = float(residuals @ residuals)
+    ss_tot = float(((y - y_mean) ** 2).sum())
+    r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0  # all losses equal: the (flat) fit is exact
+
+    b = theta[1 : 1 + k]
+    A = torch.diag(theta[1 + k : 1 + 2 * k])
+    if mode == "full" and k > 1:
+        for idx, (i, j) in enumerate(itertools.combinations(range(k), 2)):
+            A[i, j] = A[j, i] = theta[1 + 2 * k + idx]
+    return QuadraticFit(mode, float(theta[0] + y_mean), b, A, r2, residuals, p)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Solve and influence.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def solve(fit: QuadraticFit, mode: str | None = None) -> torch.Tensor:
+    """Unconstrained minimiser of the model: b_k / A_kk (diag) or A^{-1} b (full).
+
+    Diag: entries with A_kk <= 0 are NaN (no minimum along that axis). Full: all NaN when A is not
+    positive definite. Use :func:`apply_safeguards` to turn this into learning rates.
+    """
+    mode = check_mode(mode or fit.mode)
+    diag = torch.diagonal(fit.A)
+    if mode == "diag":
+        return torch.where(diag > 0, fit.b / diag, torch.full_like(diag, math.nan))
+    chol, info = torch.linalg.cholesky_ex(fit.A)
+    if int(info) != 0 or not fit.is_finite:
+        return torch.full_like(fit.b, math.nan)
+    return torch.cholesky_solve(fit.b.unsqueeze(1), chol).squeeze(1)  # eta* = A^{-1} b
+
+
+def influence(fit: QuadraticFit, n_params: torch.Tensor | list[int] | None = None) -> torch.Tensor:
+    """Predicted loss decrease from moving group k alone to its optimum: b_k^2 / (2 A_kk).
+
+    With ``n_params`` (parameters per group) it is divided by the count: the per-parameter influence PPI_k.
+    Groups without a minimum along their axis (A_kk <= 0) get 0.
+    """
+    diag = torch.diagonal(fit.A)
+    decrease = torch.where(diag > 0, fit.b**2 / (2.0 * diag), torch.zeros_like(diag))
+    if n_params is None:
+        return decrease
+    counts = torch.as_tensor(n_params, dtype=torch.float64)
+    return decrease / counts
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Safeguards.
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Safeguards:
+    """Each safeguard of DESIGN.md section 2; every one can be switched off.
+
+    Args:
+        min_r2: reject the whole fit when R^2 is below this (None = off).
+        trust_ratio: the new rate stays in [eta / r, eta * r] of the previous one (None = off; GeN: 2).
+        smoothing: eta <- s * eta_prev + (1 - s) * eta_new (0 = off; GeN: 0.9).
+        lr_bounds: absolute (lr_min, lr_max) (None = off).
+        nondescent_shrink: when b_k <= 0 (or the solve gives eta*_k <= 0) the previous rate is multiplied
+            by this factor; 1.0 keeps it.
+        full_fallback_diag: in full mode, when A is not positive definite, use the diagonal model.
+    """
+
+    min_r2: float | None = None
+    trust_ratio: float | None = None
+    smoothing: float = 0.0
+    lr_bounds: tuple[float, float] | None = None
+    nondescent_shrink: float = 1.0
+    full_fallback_diag: bool = True
+
+    def __post_init__(self) -> None:
+        if self.min_r2 is not None and not (self.min_r2 <= 1.0):
+            raise ValueError(f"min_r2 must be <= 1 or None, got {self.min_r2}")
+        if self.trust_ratio is not None and not (self.trust_ratio >= 1.0 and math.isfinite(self.trust_ratio)):
+            raise ValueError(f"trust_ratio must be a finite number >= 1 or None, got {self.trust_ratio}")
+        if not 0.0 <= self.smoothing < 1.0:
+            raise ValueError(f"smoothing must be in [0, 1), got {self.smoothing}")
+        if self.lr_bounds is not None:
+            lo, hi = self.lr_bounds
+            if not (0.0 <= lo < hi):
+                raise ValueError(f"lr_bounds must be (lr_min, lr_max) with 0 <= lr_min < lr_max, got {self.lr_bounds}")
+        if not 0.0 < self.nondescent_shrink <= 1.0:
+            raise ValueError(f"nondescent_shrink must be in (0, 1], got {self.nondescent_shrink}")
+
+
+@dataclass
+class SafeguardResult:
+    """Rates after the safeguards, the raw proposal, and which safeguards fired (group indices)."""
+
+    lrs: torch.Tensor
+    proposed: torch.Tensor
+    fired: dict[str, list[int]] = field(default_factory=dict)
+    used_mode: str = "diag"
+
+    @property
+    def rejected(self) -> bool:
+        return "rejected_fit" in self.fired
+
+
+def apply_safeguards(prev: torch.Tensor, fit: QuadraticFit, guards: Safeguards) -> SafeguardResult:
+    """Turn a fit (in learning-rate coordinates) into new learning rates, starting from ``prev``.
+
+    Order: reject the fit (non-finite, R^2) -> solve (full falls back to diag when A is not PD) ->
+    per-group keep on non-convex / non-descent -> trust region -> smoothing -> absolute bounds.
+    """
+    prev = prev.to(torch.float64)
+    k = prev.numel()
+    all_groups = list(range(k))
+    fired: dict[str, list[int]] = {}
+    nan = torch.full_like(prev, math.nan)
+
+    if not fit.is_finite:
+        return SafeguardResult(prev.clone(), nan, {"rejected_fit": all_groups, "nonfinite": all_groups}, fit.mode)
+    if guards.min_r2 is not None and not fit.r2 >= guards.min_r2:
+        return SafeguardResult(prev.clone(), nan, {"rejected_fit": all_groups, "low_r2": all_groups}, fit.mode)
+
+    used_mode = fit.mode
+    proposed = solve(fit)
+    if fit.mode == "full" and not torch.isfinite(proposed).all():
+        fired["nonconvex_full"] = all_groups
+        if guards.full_fallback_diag:
+            used_mode = "diag"
+            proposed = solve(fit, "diag")
+
+    new = proposed.clone()
+    nonconvex = ~torch.isfinite(proposed)
+    if used_mode == "diag":
+        nondescent = (fit.b <= 0) & ~nonconvex
+    else:
+        nondescent = (proposed <= 0) & ~nonconvex
+    new[nonconvex] = prev[nonconvex]
+    new[nondescent] = prev[nondescent] * guards.nondescent_shrink
+    _record(fired, "nonconvex", nonconvex)
+    _record(fired, "nondescent", nondescent)
+
+    if guards.trust_ratio is not None:
+        lo, hi = prev / guards.trust_ratio, prev * guards.trust_ratio
+        clipped = (new < lo) | (new > hi)
+        new = torch.minimum(torch.maximum(new, lo), hi)
+        _record(fired, "trust_region", clipped)
+    if guards.smoothing > 0:
+        s = guards.smoothing
+        new = s * prev + (1.0 - s) * new  # eta <- s * eta_prev + (1 - s) * eta_new
+    if guards.lr_bounds is not None:
+        lo_b, hi_b = guards.lr_bounds
+        clipped = (new < lo_b) | (new > hi_b)
+        new = new.clamp(lo_b, hi_b)
+        _record(fired, "lr_bounds", clipped)
+    return SafeguardResult(new, proposed, fired, used_mode)
+
+
+def _record(fired: dict[str, list[int]], name: str, mask: torch.Tensor) -> None:
+    idx = torch.nonzero(mask).flatten().tolist()
+    if idx:
+        fired[name] = idx

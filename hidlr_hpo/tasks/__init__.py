@@ -1,0 +1,17 @@
+"""Offline tasks: a dataset already on the machine, a model factory and a default grouping."""
+
+from __future__ import annotations
+
+from .base import Split, Task
+from .digits import digits_task
+
+__all__ = ["Split", "Task", "digits_task", "get_task"]
+
+TASKS = {"digits": digits_task}
+
+
+def get_task(name: str, **kwargs):
+    """Build a task by name (``"digits"``)."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; available: {sorted(TASKS)}")
+    return TASKS[name](**kwargs)

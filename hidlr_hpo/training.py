@@ -1,0 +1,160 @@
+"""A plain mini-batch training loop for a :class:`~hidlr_hpo.tasks.Task`, with or without Hi-DLR.
+
+Compute is counted in forward-equivalents per example (DESIGN.md section 3): a training step costs 3 per
+example (forward 1 + backward 2), a probe forward 1 per example of the probe batch. Evaluation of the
+validation and test splits is not counted: every method pays it alike.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from .controller import HiDLR
+from .groups import group_parameters
+from .tasks.base import Split, Task
+
+__all__ = ["EpochLog", "TrainResult", "evaluate", "train"]
+
+ProbeSource = Literal["train", "heldout"]
+
+
+@dataclass
+class EpochLog:
+    epoch: int
+    train_loss: float
+    val_loss: float
+    val_acc: float
+    lrs: list[float]
+    compute: float
+
+
+@dataclass
+class TrainResult:
+    epochs: list[EpochLog] = field(default_factory=list)
+    final_val_loss: float = float("nan")
+    final_val_acc: float = float("nan")
+    best_val_loss: float = float("nan")
+    test_loss: float = float("nan")
+    test_acc: float = float("nan")
+    compute: float = 0.0  # forward-equivalents per example, probes included
+    probe_compute: float = 0.0  # the part of ``compute`` spent on probes
+    steps: int = 0
+    wall_seconds: float = 0.0
+    hidlr: HiDLR | None = None
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "final_val_loss": self.final_val_loss,
+            "final_val_acc": self.final_val_acc,
+            "best_val_loss": self.best_val_loss,
+            "test_loss": self.test_loss,
+            "test_acc": self.test_acc,
+            "compute": self.compute,
+            "steps": self.steps,
+            "wall_seconds": self.wall_seconds,
+        }
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, task: Task, split: Split, batch_size: int = 1024) -> tuple[float, float]:
+    """Mean loss and accuracy (NaN for regression) over a whole split, in eval mode."""
+    was_training = model.training
+    model.eval()
+    total, correct, n = 0.0, 0, 0
+    for x, y in split.batches(batch_size):
+        total += float(task.loss_fn(model, (x, y))) * len(y)
+        if task.classification:
+            correct += int((model(x).argmax(-1) == y).sum())
+        n += len(y)
+    model.train(was_training)
+    return total / n, (correct / n if task.classification else float("nan"))
+
+
+def train(
+    task: Task,
+    *,
+    lr: float,
+    epochs: int,
+    batch_size: int = 64,
+    seed: int = 0,
+    optimizer: Callable[..., torch.optim.Optimizer] = torch.optim.AdamW,
+    hidlr: dict[str, Any] | None = None,
+    probe: ProbeSource = "heldout",
+    on_epoch: Callable[[EpochLog], None] | None = None,
+) -> TrainResult:
+    """Train ``task.make_model(seed)`` with ``optimizer`` over the task's groups.
+
+    Args:
+        lr: the starting learning rate of every group.
+        hidlr: keyword arguments of :class:`HiDLR` to tune the rates online; None trains at fixed ``lr``.
+            ``horizon=True`` is replaced by the planned number of steps.
+        probe: the probe batch: ``"train"`` (the batch just trained on) or ``"heldout"`` (a random
+            validation batch of the same size, so the fitted objective is a validation loss).
+        on_epoch: called after every epoch with its log (progress display).
+    """
+    start = time.perf_counter()
+    model = task.make_model(seed)
+    model.train()
+    groups = group_parameters(model, task.grouping)
+    opt = optimizer(groups, lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    probe_gen = torch.Generator().manual_seed(seed + 1_000_003)
+    steps_per_epoch = -(-len(task.train) // batch_size)
+    controller = None
+    if hidlr is not None:
+        kwargs = dict(hidlr)
+        if kwargs.get("horizon") is True:
+            kwargs["horizon"] = epochs * steps_per_epoch
+        controller = HiDLR(opt, model, task.loss_fn, **kwargs)
+
+    result = TrainResult(hidlr=controller)
+    examples_trained = 0
+    probe_examples = 0
+    best = float("inf")
+    for epoch in range(epochs):
+        running, seen = 0.0, 0
+        for x, y in task.train.batches(batch_size, gen):
+            loss = task.loss_fn(model, (x, y))
+            loss.backward()
+            running += float(loss) * len(y)
+            seen += len(y)
+            examples_trained += len(y)
+            if controller is None:
+                opt.step()
+            else:
+                probe_batch = None
+                if controller.refit_due:
+                    probe_batch = (x, y) if probe == "train" else _random_batch(task.val, batch_size, probe_gen)
+                forwards_before = controller.probe_forwards
+                controller.step(probe_batch)
+                if probe_batch is not None:
+                    probe_examples += (controller.probe_forwards - forwards_before) * len(probe_batch[1])
+            opt.zero_grad(set_to_none=True)
+            result.steps += 1
+        val_loss, val_acc = evaluate(model, task, task.val)
+        best = min(best, val_loss)
+        log = EpochLog(epoch, running / seen, val_loss, val_acc, [float(g["lr"]) for g in opt.param_groups],
+                       3.0 * examples_trained + probe_examples)
+        result.epochs.append(log)
+        if on_epoch is not None:
+            on_epoch(log)
+
+    result.final_val_loss, result.final_val_acc = result.epochs[-1].val_loss, result.epochs[-1].val_acc
+    result.best_val_loss = best
+    result.test_loss, result.test_acc = evaluate(model, task, task.test)
+    result.compute = 3.0 * examples_trained + probe_examples
+    result.probe_compute = float(probe_examples)
+    result.wall_seconds = time.perf_counter() - start
+    return result
+
+
+def _random_batch(split: Split, batch_size: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    idx = torch.randperm(len(split), generator=gen)[:batch_size]
+    return split.x[idx], split.y[idx]
+
