@@ -97,7 +97,9 @@ class HiDLR:
             multipliers of the current rates.
         delta: the design's half-width, in multipliers of the current rates.
         trust_ratio: new rate within [eta / r, eta * r] of the previous one (None: off).
-        smoothing: eta <- s * eta_prev + (1 - s) * eta_new (0: off).
+        smoothing: eta <- s * eta_prev + (1 - s) * eta_new (0: off); bias-corrected like Adam's moments
+            (``smoothing_bias_correction``) so that a poor starting rate is forgotten quickly.
+        smoothing_bias_correction: see :class:`~hidlr_hpo.curvature.Safeguards`.
         min_r2: reject fits whose R^2 is below this (None: off).
         lr_bounds: absolute (lr_min, lr_max) (None: off).
         nondescent_shrink: factor applied to a group's rate when its direction does not descend (1: keep).
@@ -117,7 +119,8 @@ class HiDLR:
         design: str | int | torch.Tensor | None = None,
         delta: float = 1.0,
         trust_ratio: float | None = 2.0,
-        smoothing: float = 0.5,
+        smoothing: float = 0.9,
+        smoothing_bias_correction: bool = True,
         min_r2: float | None = None,
         lr_bounds: tuple[float, float] | None = (1e-8, 10.0),
         nondescent_shrink: float = 1.0,
@@ -153,6 +156,7 @@ class HiDLR:
             min_r2=min_r2,
             trust_ratio=trust_ratio,
             smoothing=smoothing,
+            smoothing_bias_correction=smoothing_bias_correction,
             lr_bounds=lr_bounds,
             nondescent_shrink=nondescent_shrink,
         )
@@ -232,7 +236,7 @@ class HiDLR:
         self.probe_forwards += points.shape[0]
 
         fit: QuadraticFit = fit_quadratic(points, losses, self.mode).rescale(eta0)
-        result = apply_safeguards(eta0, fit, self.guards)
+        result = apply_safeguards(eta0, fit, self.guards, n_accepted=len(self.history) - self.n_rejected)
         if not torch.isfinite(losses).all():
             self.n_nonfinite += 1
         if result.rejected:

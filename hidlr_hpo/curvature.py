@@ -285,6 +285,10 @@ class Safeguards:
         min_r2: reject the whole fit when R^2 is below this (None = off).
         trust_ratio: the new rate stays in [eta / r, eta * r] of the previous one (None = off; GeN: 2).
         smoothing: eta <- s * eta_prev + (1 - s) * eta_new (0 = off; GeN: 0.9).
+        smoothing_bias_correction: treat the smoothing as an exponential moving average of the accepted
+            proposals with Adam's bias correction, so that the starting rate carries no weight: after n
+            accepted fits the effective factor is s (1 - s^n) / (1 - s^(n+1)) (0 for the first fit, then
+            rising to s). Without it a poor starting rate is forgotten only at rate s per refit.
         lr_bounds: absolute (lr_min, lr_max) (None = off).
         nondescent_shrink: when b_k <= 0 (or the solve gives eta*_k <= 0) the previous rate is multiplied
             by this factor; 1.0 keeps it.
@@ -294,6 +298,7 @@ class Safeguards:
     min_r2: float | None = None
     trust_ratio: float | None = None
     smoothing: float = 0.0
+    smoothing_bias_correction: bool = True
     lr_bounds: tuple[float, float] | None = None
     nondescent_shrink: float = 1.0
     full_fallback_diag: bool = True
@@ -327,8 +332,12 @@ class SafeguardResult:
         return "rejected_fit" in self.fired
 
 
-def apply_safeguards(prev: torch.Tensor, fit: QuadraticFit, guards: Safeguards) -> SafeguardResult:
+def apply_safeguards(
+    prev: torch.Tensor, fit: QuadraticFit, guards: Safeguards, n_accepted: int = 0
+) -> SafeguardResult:
     """Turn a fit (in learning-rate coordinates) into new learning rates, starting from ``prev``.
+
+    ``n_accepted`` is the number of fits accepted before this one (for the smoothing's bias correction).
 
     Order: reject the fit (non-finite, R^2) -> solve (full falls back to diag when A is not PD) ->
     per-group keep on non-convex / non-descent -> trust region -> smoothing -> absolute bounds.
@@ -370,6 +379,8 @@ def apply_safeguards(prev: torch.Tensor, fit: QuadraticFit, guards: Safeguards) 
         _record(fired, "trust_region", clipped)
     if guards.smoothing > 0:
         s = guards.smoothing
+        if guards.smoothing_bias_correction:
+            s = s * (1.0 - s**n_accepted) / (1.0 - s ** (n_accepted + 1))
         new = s * prev + (1.0 - s) * new  # eta <- s * eta_prev + (1 - s) * eta_new
     if guards.lr_bounds is not None:
         lo_b, hi_b = guards.lr_bounds

@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from hidlr_hpo.probe import Prober
+
+
+def mse(model, batch):
+    x, y = batch
+    return nn.functional.mse_loss(model(x), y)
+
+
+def make(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 1))
+    groups = [list(model[0].parameters()) + list(model[1].parameters()), list(model[3].parameters())]
+    return model, groups
+
+
+def state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_bit_identical(before, model):
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+
+
+def test_probe_losses_match_manual_evaluation_and_parameters_are_bit_identical():
+    model, groups = make()
+    batch = (torch.randn(16, 3), torch.randn(16, 1))
+    prober = Prober(model, mse, groups)
+    start = [[p.detach().clone() for p in g] for g in groups]
+    with torch.no_grad():  # the "step": w(t+1) = w(t) + u
+        for g in groups:
+            for p in g:
+                p.add_(0.1 * torch.randn_like(p))
+    before = state(model)
+    coeffs = torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, -1.0], [0.5, 3.0]])
+    losses = prober.losses(batch, start, coeffs)
+    assert_bit_identical(before, model)
+    assert model.training  # mode restored
+
+    end = [[p.detach().clone() for p in g] for g in groups]
+    for row, loss in zip(coeffs, losses, strict=True):
+        probe = model.__class__(*[m for m in model])  # same modules; set weights by hand below
+        with torch.no_grad():
+            for g, gs, ge, c in zip(groups, start, end, row, strict=True):
+                for p, s, e in zip(g, gs, ge, strict=True):
+                    p.copy_(s + c * (e - s))
+        probe.eval()
+        expected = mse(probe, batch)
+        torch.testing.assert_close(loss, expected.detach().double(), rtol=1e-12, atol=1e-12)
+        with torch.no_grad():
+            for g, ge in zip(groups, end, strict=True):
+                for p, e in zip(g, ge, strict=True):
+                    p.copy_(e)
+    model.train()
+    assert_bit_identical(before, model)
+
+
+def test_parameters_survive_a_loss_that_raises_or_is_nan():
+    model, groups = make()
+    start = [[p.detach().clone() + 1.0 for p in g] for g in groups]
+    before = state(model)
+    calls = []
+
+    def exploding(model, batch):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return mse(model, batch)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        Prober(model, exploding, groups).losses((torch.randn(4, 3), torch.randn(4, 1)), start, torch.ones(3, 2) * 7)
+    assert_bit_identical(before, model)
+    nan_batch = (torch.randn(4, 3), torch.full((4, 1), float("nan")))
+    losses = Prober(model, mse, groups).losses(nan_batch, start, torch.ones(3, 2))
+    assert torch.isnan(losses).all()
+    assert_bit_identical(before, model)
+
+
+def test_batchnorm_statistics_are_untouched_in_eval_mode():
+    model, groups = make()
+    model.train()
+    before = state(model)
+    start = [[p.detach().clone() for p in g] for g in groups]
+    Prober(model, mse, groups).losses((torch.randn(8, 3) * 5, torch.randn(8, 1)), start, torch.ones(4, 2))
+    assert_bit_identical(before, model)  # includes running_mean / running_var / num_batches_tracked
+
+
+def test_coeff_shape_is_checked():
+    model, groups = make()
+    start = [[p.detach().clone() for p in g] for g in groups]
+    with pytest.raises(ValueError, match=r"coeffs must have shape \(P, 2\)"):
+        Prober(model, mse, groups).losses(None, start, torch.ones(3))
