@@ -12,7 +12,9 @@ from rich.table import Table
 from .tasks import get_task
 from .training import EpochLog, train
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Hi-DLR: per-group learning rates tuned inside one run.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Hi-DLR: per-group learning rates tuned inside one run."
+)
 console = Console()
 
 
@@ -39,8 +41,10 @@ def demo(
     if not (lr > 0 and math.isfinite(lr)):
         raise typer.BadParameter(f"lr must be positive, got {lr}", param_hint="--lr")
     task = get_task("digits")
-    console.print(f"[bold]digits[/bold]: {len(task.train)} train / {len(task.val)} val / {len(task.test)} test, "
-                  f"MLP 64-128-128-10, groups by layer, AdamW from lr={lr:g}, Hi-DLR {mode}, refit every {interval} steps")
+    console.print(
+        f"[bold]digits[/bold]: {len(task.train)} train / {len(task.val)} val / {len(task.test)} test, "
+        f"MLP 64-128-128-10, groups by layer, AdamW from lr={lr:g}, Hi-DLR {mode}, refit every {interval} steps"
+    )
 
     names = [g for g in ("0", "2", "4")]
     table = Table(title="Hi-DLR(AdamW) on digits")
@@ -49,25 +53,43 @@ def demo(
 
     def show(log: EpochLog) -> None:
         if log.epoch % max(1, epochs // 10) == 0 or log.epoch == epochs - 1:
-            table.add_row(str(log.epoch), f"{log.train_loss:.4f}", f"{log.val_loss:.4f}", f"{log.val_acc:.3f}",
-                          *(f"{x:.2e}" for x in log.lrs))
+            table.add_row(
+                str(log.epoch),
+                f"{log.train_loss:.4f}",
+                f"{log.val_loss:.4f}",
+                f"{log.val_acc:.3f}",
+                *(f"{x:.2e}" for x in log.lrs),
+            )
 
     with console.status("training with Hi-DLR ..."):
-        result = train(task, lr=lr, epochs=epochs, seed=seed, hidlr={"interval": interval, "mode": mode},
-                       probe=probe, on_epoch=show)  # type: ignore[arg-type]
+        result = train(
+            task,
+            lr=lr,
+            epochs=epochs,
+            seed=seed,
+            hidlr={"interval": interval, "mode": mode},
+            probe=probe,
+            on_epoch=show,
+        )  # type: ignore[arg-type]
     console.print(table)
     h = result.hidlr
     assert h is not None
-    console.print(f"Hi-DLR: {len(h.history)} refits, {h.n_rejected} rejected, {h.probe_forwards} probe forwards; "
-                  f"compute {result.compute:,.0f} forward-equivalents, "
-                  f"{100 * result.probe_compute / result.compute:.1f}% of it on probes")
-    console.print(f"Hi-DLR   final val loss {result.final_val_loss:.4f}  test acc {result.test_acc:.3f}  "
-                  f"({result.wall_seconds:.1f}s)")
+    console.print(
+        f"Hi-DLR: {len(h.history)} refits, {h.n_rejected} rejected, {h.probe_forwards} probe forwards; "
+        f"compute {result.compute:,.0f} forward-equivalents, "
+        f"{100 * result.probe_compute / result.compute:.1f}% of it on probes"
+    )
+    console.print(
+        f"Hi-DLR   final val loss {result.final_val_loss:.4f}  test acc {result.test_acc:.3f}  "
+        f"({result.wall_seconds:.1f}s)"
+    )
     if compare:
         with console.status("training plain AdamW for comparison ..."):
             plain = train(task, lr=lr, epochs=epochs, seed=seed)
-        console.print(f"AdamW    final val loss {plain.final_val_loss:.4f}  test acc {plain.test_acc:.3f}  "
-                      f"(fixed lr={lr:g}, {plain.wall_seconds:.1f}s)")
+        console.print(
+            f"AdamW    final val loss {plain.final_val_loss:.4f}  test acc {plain.test_acc:.3f}  "
+            f"(fixed lr={lr:g}, {plain.wall_seconds:.1f}s)"
+        )
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -146,7 +146,9 @@ class HiDLR:
             if not (lr > 0 and math.isfinite(lr)):
                 raise ValueError(f"group {name!r} has lr={lr}; HiDLR needs a positive finite starting rate")
             if any(id(p) not in model_params for p in group["params"]):
-                raise ValueError(f"group {name!r} holds parameters that are not in the model; loss_fn could not probe them")
+                raise ValueError(
+                    f"group {name!r} holds parameters that are not in the model; loss_fn could not probe them"
+                )
 
         self.optimizer = optimizer
         self.model = model
@@ -291,9 +293,7 @@ class HiDLR:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if len(state["base_lrs"]) != self.num_groups:
-            raise ValueError(
-                f"state_dict has {len(state['base_lrs'])} groups but the optimizer has {self.num_groups}"
-            )
+            raise ValueError(f"state_dict has {len(state['base_lrs'])} groups but the optimizer has {self.num_groups}")
         self.base_lrs = torch.tensor(state["base_lrs"], dtype=torch.float64)
         self.step_count = int(state["step_count"])
         self.history = [RefitRecord(**r) for r in state["history"]]

@@ -217,8 +217,15 @@ def fit_quadratic(points: torch.Tensor, losses: torch.Tensor, mode: str = "diag"
         raise ValueError(f"a {mode} model with K={k} has {needed} unknowns; {p} points cannot determine it")
     if not torch.isfinite(y).all():
         nan = torch.full((k,), math.nan, dtype=torch.float64)
-        return QuadraticFit(mode, math.nan, nan, torch.full((k, k), math.nan, dtype=torch.float64),
-                            math.nan, torch.full((p,), math.nan, dtype=torch.float64), p)
+        return QuadraticFit(
+            mode,
+            math.nan,
+            nan,
+            torch.full((k, k), math.nan, dtype=torch.float64),
+            math.nan,
+            torch.full((p,), math.nan, dtype=torch.float64),
+            p,
+        )
     phi = features(x, mode)
     # Centre the targets before solving: losses are ~O(1) apart from tiny probe differences, and
     # subtracting the mean keeps those differences from drowning in the constant.
@@ -332,9 +339,7 @@ class SafeguardResult:
         return "rejected_fit" in self.fired
 
 
-def apply_safeguards(
-    prev: torch.Tensor, fit: QuadraticFit, guards: Safeguards, n_accepted: int = 0
-) -> SafeguardResult:
+def apply_safeguards(prev: torch.Tensor, fit: QuadraticFit, guards: Safeguards, n_accepted: int = 0) -> SafeguardResult:
     """Turn a fit (in learning-rate coordinates) into new learning rates, starting from ``prev``.
 
     ``n_accepted`` is the number of fits accepted before this one (for the smoothing's bias correction).

@@ -79,6 +79,7 @@ def group_parameters(
             raise ValueError("strategy='regex' needs patterns={group_name: regex, ...}")
         assign = _by_regex(patterns, rest)
     elif strategy == "single":
+
         def assign(name: str, param: nn.Parameter) -> str:
             return "all"
     else:
@@ -96,7 +97,9 @@ def group_parameters(
     if strategy == "regex" and patterns:
         empty = [g for g in patterns if g not in groups]
         if empty:
-            raise ValueError(f"regex groups {empty} matched no trainable parameter; check the patterns {dict(patterns)}")
+            raise ValueError(
+                f"regex groups {empty} matched no trainable parameter; check the patterns {dict(patterns)}"
+            )
     result = list(groups.values())
     check_param_groups(result)
     return result

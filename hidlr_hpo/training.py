@@ -122,7 +122,7 @@ def train(
         for x, y in task.train.batches(batch_size, gen):
             loss = task.loss_fn(model, (x, y))
             loss.backward()
-            running += float(loss) * len(y)
+            running += float(loss.detach()) * len(y)
             seen += len(y)
             examples_trained += len(y)
             if controller is None:
@@ -139,8 +139,14 @@ def train(
             result.steps += 1
         val_loss, val_acc = evaluate(model, task, task.val)
         best = min(best, val_loss)
-        log = EpochLog(epoch, running / seen, val_loss, val_acc, [float(g["lr"]) for g in opt.param_groups],
-                       3.0 * examples_trained + probe_examples)
+        log = EpochLog(
+            epoch,
+            running / seen,
+            val_loss,
+            val_acc,
+            [float(g["lr"]) for g in opt.param_groups],
+            3.0 * examples_trained + probe_examples,
+        )
         result.epochs.append(log)
         if on_epoch is not None:
             on_epoch(log)
@@ -157,4 +163,3 @@ def train(
 def _random_batch(split: Split, batch_size: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     idx = torch.randperm(len(split), generator=gen)[:batch_size]
     return split.x[idx], split.y[idx]
-

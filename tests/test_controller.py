@@ -209,7 +209,6 @@ def test_horizon_scales_the_applied_rate():
     model = TwoBlockLinear()
     opt = torch.optim.SGD(group_parameters(model, "layer"), lr=0.1)
     hidlr = HiDLR(opt, model, mse, interval=1000, horizon=10)
-    batch = least_squares_batch()
     for t in range(4):
         hidlr.step()  # no probe batch: plain steps
         assert hidlr.lrs() == pytest.approx([0.1 * (1 - t / 10)] * 2)

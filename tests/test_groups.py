@@ -45,7 +45,12 @@ def test_type_groups():
 def test_regex_groups_with_rest_and_errors():
     model = Net()
     groups = names(group_parameters(model, "regex", patterns={"enc": r"^encoder\.", "head": r"^head\."}))
-    assert groups["enc"] == ["encoder.block0.weight", "encoder.block0.bias", "encoder.block1.weight", "encoder.block1.bias"]
+    assert groups["enc"] == [
+        "encoder.block0.weight",
+        "encoder.block0.bias",
+        "encoder.block1.weight",
+        "encoder.block1.bias",
+    ]
     assert groups["rest"] == ["scale", "embed.weight", "norm.weight", "norm.bias"]
     with pytest.raises(ValueError, match="would be in two groups"):
         group_parameters(model, "regex", patterns={"a": "encoder", "b": "block0"})

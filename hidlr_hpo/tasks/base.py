@@ -19,7 +19,9 @@ class Split:
     def __len__(self) -> int:
         return int(self.x.shape[0])
 
-    def batches(self, batch_size: int, generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(
+        self, batch_size: int, generator: torch.Generator | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Mini-batches in a random order (``generator`` given) or in order, the last one possibly short."""
         order = torch.randperm(len(self), generator=generator) if generator is not None else torch.arange(len(self))
         for i in range(0, len(self), batch_size):
@@ -44,5 +46,13 @@ class Task:
     classification: bool = True
 
     def to(self, device: str | torch.device) -> Task:
-        return Task(self.name, self.train.to(device), self.val.to(device), self.test.to(device),
-                    self.make_model, self.loss_fn, self.grouping, self.classification)
+        return Task(
+            self.name,
+            self.train.to(device),
+            self.val.to(device),
+            self.test.to(device),
+            self.make_model,
+            self.loss_fn,
+            self.grouping,
+            self.classification,
+        )
