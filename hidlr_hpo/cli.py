@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .groups import group_names, group_parameters
 from .tasks import get_task
 from .training import EpochLog, train
 
@@ -32,6 +33,7 @@ def demo(
     seed: Annotated[int, typer.Option()] = 0,
     probe: Annotated[str, typer.Option(help="probe batch: heldout (validation) or train")] = "heldout",
     compare: Annotated[bool, typer.Option(help="also train plain AdamW at the same starting lr")] = True,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
 ) -> None:
     """Train an MLP on scikit-learn's digits with Hi-DLR(AdamW), layer groups, and show what it did."""
     if mode not in ("diag", "full"):
@@ -46,7 +48,7 @@ def demo(
         f"MLP 64-128-128-10, groups by layer, AdamW from lr={lr:g}, Hi-DLR {mode}, refit every {interval} steps"
     )
 
-    names = [g for g in ("0", "2", "4")]
+    names = group_names(group_parameters(task.make_model(seed), task.grouping))
     table = Table(title="Hi-DLR(AdamW) on digits")
     for col in ("epoch", "train loss", "val loss", "val acc", *(f"lr[{n}]" for n in names)):
         table.add_column(col, justify="right")
@@ -70,6 +72,7 @@ def demo(
             hidlr={"interval": interval, "mode": mode},
             probe=probe,
             on_epoch=show,
+            device=device,
         )  # type: ignore[arg-type]
     console.print(table)
     h = result.hidlr
@@ -85,7 +88,7 @@ def demo(
     )
     if compare:
         with console.status("training plain AdamW for comparison ..."):
-            plain = train(task, lr=lr, epochs=epochs, seed=seed)
+            plain = train(task, lr=lr, epochs=epochs, seed=seed, device=device)
         console.print(
             f"AdamW    final val loss {plain.final_val_loss:.4f}  test acc {plain.test_acc:.3f}  "
             f"(fixed lr={lr:g}, {plain.wall_seconds:.1f}s)"

@@ -97,9 +97,10 @@ class HiDLR:
             multipliers of the current rates.
         delta: the design's half-width, in multipliers of the current rates.
         trust_ratio: new rate within [eta / r, eta * r] of the previous one (None: off).
-        smoothing: eta <- s * eta_prev + (1 - s) * eta_new (0: off); bias-corrected like Adam's moments
-            (``smoothing_bias_correction``) so that a poor starting rate is forgotten quickly.
-        smoothing_bias_correction: see :class:`~hidlr_hpo.curvature.Safeguards`.
+        smoothing: eta <- s * eta_prev + (1 - s) * eta_new (0: off). By default only increases are smoothed
+            (``smooth_decreases=False``): a decrease within the trust region applies at once.
+        smoothing_bias_correction, log_smoothing, smooth_decreases: see
+            :class:`~hidlr_hpo.curvature.Safeguards`.
         min_r2: reject fits whose R^2 is below this (None: off).
         lr_bounds: absolute (lr_min, lr_max) (None: off).
         nondescent_shrink: factor applied to a group's rate when its direction does not descend (1: keep).
@@ -120,7 +121,9 @@ class HiDLR:
         delta: float = 1.0,
         trust_ratio: float | None = 2.0,
         smoothing: float = 0.9,
-        smoothing_bias_correction: bool = True,
+        smoothing_bias_correction: bool = False,
+        log_smoothing: bool = False,
+        smooth_decreases: bool = False,
         min_r2: float | None = None,
         lr_bounds: tuple[float, float] | None = (1e-8, 10.0),
         nondescent_shrink: float = 1.0,
@@ -159,6 +162,8 @@ class HiDLR:
             trust_ratio=trust_ratio,
             smoothing=smoothing,
             smoothing_bias_correction=smoothing_bias_correction,
+            log_smoothing=log_smoothing,
+            smooth_decreases=smooth_decreases,
             lr_bounds=lr_bounds,
             nondescent_shrink=nondescent_shrink,
         )

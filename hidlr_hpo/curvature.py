@@ -296,6 +296,11 @@ class Safeguards:
             proposals with Adam's bias correction, so that the starting rate carries no weight: after n
             accepted fits the effective factor is s (1 - s^n) / (1 - s^(n+1)) (0 for the first fit, then
             rising to s). Without it a poor starting rate is forgotten only at rate s per refit.
+        log_smoothing: smooth log eta instead of eta (a geometric average), so that a proposal twice as
+            large and one half as large pull equally hard; arithmetic smoothing drifts upwards when the
+            proposals are heavy-tailed, as ratios b_k / A_kk of noisy estimates are.
+        smooth_decreases: smooth decreases of the rate too; False applies decreases at once (within the
+            trust region) and smooths only increases, which leaves an unstable rate quickly.
         lr_bounds: absolute (lr_min, lr_max) (None = off).
         nondescent_shrink: when b_k <= 0 (or the solve gives eta*_k <= 0) the previous rate is multiplied
             by this factor; 1.0 keeps it.
@@ -305,7 +310,9 @@ class Safeguards:
     min_r2: float | None = None
     trust_ratio: float | None = None
     smoothing: float = 0.0
-    smoothing_bias_correction: bool = True
+    smoothing_bias_correction: bool = False
+    log_smoothing: bool = False
+    smooth_decreases: bool = True
     lr_bounds: tuple[float, float] | None = None
     nondescent_shrink: float = 1.0
     full_fallback_diag: bool = True
@@ -386,7 +393,11 @@ def apply_safeguards(prev: torch.Tensor, fit: QuadraticFit, guards: Safeguards, 
         s = guards.smoothing
         if guards.smoothing_bias_correction:
             s = s * (1.0 - s**n_accepted) / (1.0 - s ** (n_accepted + 1))
-        new = s * prev + (1.0 - s) * new  # eta <- s * eta_prev + (1 - s) * eta_new
+        if guards.log_smoothing:
+            smoothed = prev**s * new ** (1.0 - s)  # log eta <- s log eta_prev + (1 - s) log eta_new
+        else:
+            smoothed = s * prev + (1.0 - s) * new  # eta <- s * eta_prev + (1 - s) * eta_new
+        new = smoothed if guards.smooth_decreases else torch.where(new < prev, new, smoothed)
     if guards.lr_bounds is not None:
         lo_b, hi_b = guards.lr_bounds
         clipped = (new < lo_b) | (new > hi_b)

@@ -87,6 +87,7 @@ def train(
     hidlr: dict[str, Any] | None = None,
     probe: ProbeSource = "heldout",
     on_epoch: Callable[[EpochLog], None] | None = None,
+    device: str | torch.device = "cpu",
 ) -> TrainResult:
     """Train ``task.make_model(seed)`` with ``optimizer`` over the task's groups.
 
@@ -97,9 +98,11 @@ def train(
         probe: the probe batch: ``"train"`` (the batch just trained on) or ``"heldout"`` (a random
             validation batch of the same size, so the fitted objective is a validation loss).
         on_epoch: called after every epoch with its log (progress display).
+        device: where the model, the data and the probes live ("cpu", "cuda"); the same code path.
     """
     start = time.perf_counter()
-    model = task.make_model(seed)
+    task = task.to(device)
+    model = task.make_model(seed).to(device)
     model.train()
     groups = group_parameters(model, task.grouping)
     opt = optimizer(groups, lr=lr)
@@ -161,5 +164,5 @@ def train(
 
 
 def _random_batch(split: Split, batch_size: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    idx = torch.randperm(len(split), generator=gen)[:batch_size]
+    idx = torch.randperm(len(split), generator=gen)[:batch_size].to(split.x.device)
     return split.x[idx], split.y[idx]

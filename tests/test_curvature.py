@@ -173,7 +173,7 @@ def test_trust_region_smoothing_and_bounds_in_order():
 def test_bias_corrected_smoothing_is_an_ema_of_the_proposals():
     """With bias correction, the rates equal Adam-style corrected EMAs of the proposals (no weight on eta0)."""
     s = 0.9
-    guards = Safeguards(smoothing=s)
+    guards = Safeguards(smoothing=s, smoothing_bias_correction=True)
     x = axial_design(1)
     proposals = [0.5, 2.0, 1.0, 4.0]
     rate, ema = torch.tensor([100.0]), 0.0
@@ -182,6 +182,23 @@ def test_bias_corrected_smoothing_is_an_ema_of_the_proposals():
         rate = apply_safeguards(rate, fit, guards, n_accepted=n).lrs
         ema = s * ema + (1 - s) * p
         assert rate.item() == pytest.approx(ema / (1 - s ** (n + 1)), rel=1e-12)
+
+
+def test_log_smoothing_is_a_geometric_average():
+    x = axial_design(2)
+    fit = fit_quadratic(x, evaluate(x, 0.0, torch.tensor([4.0, 0.25]), torch.eye(2)), "diag")  # eta* = (4, 1/4)
+    guards = Safeguards(smoothing=0.5, smoothing_bias_correction=False, log_smoothing=True)
+    out = apply_safeguards(torch.tensor([1.0, 1.0]), fit, guards)
+    # sqrt(1 * 4) = 2 and sqrt(1 * 1/4) = 1/2: up and down pull equally in log space.
+    torch.testing.assert_close(out.lrs, torch.tensor([2.0, 0.5]))
+
+
+def test_fast_decreases_skip_the_smoothing_only_downwards():
+    x = axial_design(2)
+    fit = fit_quadratic(x, evaluate(x, 0.0, torch.tensor([4.0, 0.25]), torch.eye(2)), "diag")  # eta* = (4, 1/4)
+    guards = Safeguards(smoothing=0.9, smoothing_bias_correction=False, smooth_decreases=False)
+    out = apply_safeguards(torch.tensor([1.0, 1.0]), fit, guards)
+    torch.testing.assert_close(out.lrs, torch.tensor([0.9 + 0.1 * 4.0, 0.25]))
 
 
 def test_min_r2_rejects_poor_fits():

@@ -25,7 +25,7 @@ class Split:
         """Mini-batches in a random order (``generator`` given) or in order, the last one possibly short."""
         order = torch.randperm(len(self), generator=generator) if generator is not None else torch.arange(len(self))
         for i in range(0, len(self), batch_size):
-            idx = order[i : i + batch_size]
+            idx = order[i : i + batch_size].to(self.x.device)
             yield self.x[idx], self.y[idx]
 
     def to(self, device: str | torch.device) -> Split:
