@@ -32,6 +32,7 @@ def demo(
     interval: Annotated[int, typer.Option(min=1, help="refit every N steps")] = 10,
     seed: Annotated[int, typer.Option()] = 0,
     probe: Annotated[str, typer.Option(help="probe batch: heldout (validation) or train")] = "heldout",
+    horizon: Annotated[bool, typer.Option(help="scale the rates down linearly over the planned steps")] = True,
     compare: Annotated[bool, typer.Option(help="also train plain AdamW at the same starting lr")] = True,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
 ) -> None:
@@ -69,7 +70,7 @@ def demo(
             lr=lr,
             epochs=epochs,
             seed=seed,
-            hidlr={"interval": interval, "mode": mode},
+            hidlr={"interval": interval, "mode": mode, "horizon": horizon},
             probe=probe,
             on_epoch=show,
             device=device,

@@ -17,7 +17,7 @@ taken with eta*: its state advances once per step, refit or not. K = 1 (one grou
 
 Short-horizon bias: the fitted rate minimises the *next* loss on the probe batch. Pass ``horizon`` (the
 planned number of steps) to multiply every rate by 1 - t / horizon, and pass a held-out batch as the probe
-batch so that the fitted objective is a validation loss; docs/short-horizon.md measures both.
+batch so that the fitted objective is a validation loss; docs/method.md says what each measured.
 """
 
 from __future__ import annotations

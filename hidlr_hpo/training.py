@@ -94,7 +94,7 @@ def train(
     Args:
         lr: the starting learning rate of every group.
         hidlr: keyword arguments of :class:`HiDLR` to tune the rates online; None trains at fixed ``lr``.
-            ``horizon=True`` is replaced by the planned number of steps.
+            ``horizon=True`` is replaced by the planned number of steps, ``horizon=False`` by None.
         probe: the probe batch: ``"train"`` (the batch just trained on) or ``"heldout"`` (a random
             validation batch of the same size, so the fitted objective is a validation loss).
         on_epoch: called after every epoch with its log (progress display).
@@ -112,8 +112,8 @@ def train(
     controller = None
     if hidlr is not None:
         kwargs = dict(hidlr)
-        if kwargs.get("horizon") is True:
-            kwargs["horizon"] = epochs * steps_per_epoch
+        if isinstance(kwargs.get("horizon"), bool):  # True: the planned steps; False: off
+            kwargs["horizon"] = epochs * steps_per_epoch if kwargs["horizon"] else None
         controller = HiDLR(opt, model, task.loss_fn, **kwargs)
 
     result = TrainResult(hidlr=controller)
