@@ -6,6 +6,16 @@ from .controller import HiDLR, RefitRecord
 from .curvature import QuadraticFit, Safeguards, fit_quadratic
 from .groups import group_parameters
 from .probe import Prober
+from .sampler import HiDLRSampler
 
-__all__ = ["HiDLR", "Prober", "QuadraticFit", "RefitRecord", "Safeguards", "fit_quadratic", "group_parameters"]
+__all__ = [
+    "HiDLR",
+    "HiDLRSampler",
+    "Prober",
+    "QuadraticFit",
+    "RefitRecord",
+    "Safeguards",
+    "fit_quadratic",
+    "group_parameters",
+]
 __version__ = "0.1.0"

@@ -1,0 +1,157 @@
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import optuna
+import pytest
+from optuna.distributions import FloatDistribution
+from optuna.testing.pytest_samplers import BasicSamplerTestCase, RelativeSamplerTestCase, SingleOnlySamplerTestCase
+from optuna.trial import TrialState
+
+from hidlr_hpo import HiDLRSampler
+from hidlr_hpo.curvature import n_unknowns
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+class TestOptunaSamplerCases(BasicSamplerTestCase, RelativeSamplerTestCase, SingleOnlySamplerTestCase):
+    """Optuna's own test cases for single-objective relative samplers."""
+
+    @pytest.fixture
+    def sampler(self):
+        return lambda: HiDLRSampler(seed=0)
+
+
+def attrs(study, trial):
+    """The system attributes the sampler stored for a live trial (as another worker sees them)."""
+    return study._storage.get_trial(trial._trial_id).system_attrs
+
+
+def quadratic_problem(d: int, seed: int = 0):
+    """f(x) = (x - m)^T Q (x - m) + 1 on [-5, 5]^d with Q positive definite and m inside the first box."""
+    rng = np.random.RandomState(seed)
+    q, _ = np.linalg.qr(rng.randn(d, d))
+    Q = q @ np.diag(np.linspace(1.0, 5.0, d)) @ q.T
+    m = rng.uniform(-2.0, 2.0, size=d)
+
+    def objective(trial):
+        x = np.array([trial.suggest_float(f"x{i}", -5, 5) for i in range(d)])
+        return float((x - m) @ Q @ (x - m)) + 1.0
+
+    space = {f"x{i}": FloatDistribution(-5, 5) for i in range(d)}
+    return objective, space
+
+
+@pytest.mark.parametrize("d", [2, 4, 8])
+def test_finds_a_quadratic_minimum_in_far_fewer_trials_than_tpe_or_random(d):
+    objective, space = quadratic_problem(d)
+    budget = n_unknowns(d, "full") + 1  # one pairwise design, then the model's minimiser
+    gaps = {}
+    for name, sampler in {
+        "hidlr": HiDLRSampler(search_space=space, radius=0.3, seed=0),
+        "tpe": optuna.samplers.TPESampler(seed=0),
+        "random": optuna.samplers.RandomSampler(seed=0),
+    }.items():
+        study = optuna.create_study(sampler=sampler)
+        study.optimize(objective, n_trials=budget)
+        gaps[name] = study.best_value - 1.0
+    assert gaps["hidlr"] < 1e-9
+    assert gaps["tpe"] > 1e-2 and gaps["random"] > 1e-2
+
+
+def test_fit_recovers_the_model_in_parameter_units_with_log_scale():
+    # f = 2 (ln lr - ln 1e-3)^2 + (w - 0.3)^2 + 0.5 (ln lr - ln 1e-3) (w - 0.3): quadratic in (ln lr, w).
+    def objective(trial):
+        u = math.log(trial.suggest_float("lr", 1e-6, 1.0, log=True)) - math.log(1e-3)
+        w = trial.suggest_float("w", -1.0, 1.0) - 0.3
+        return 2 * u**2 + w**2 + 0.5 * u * w + 7.0
+
+    space = {"lr": FloatDistribution(1e-6, 1.0, log=True), "w": FloatDistribution(-1.0, 1.0)}
+    sampler = HiDLRSampler(search_space=space, seed=0)
+    study = optuna.create_study(sampler=sampler)
+    study.optimize(objective, n_trials=6)
+    fit = sampler.fit(study)
+    # In parameter units p = (ln lr, w): A = [[4, 0.5], [0.5, 2]] and the minimiser is (ln 1e-3, 0.3).
+    np.testing.assert_allclose(fit.A.numpy(), [[4.0, 0.5], [0.5, 2.0]], rtol=1e-8)
+    minimiser = np.linalg.solve(fit.A.numpy(), fit.b.numpy())
+    np.testing.assert_allclose(minimiser, [math.log(1e-3), 0.3], rtol=1e-8)
+    study.optimize(objective, n_trials=1)
+    assert study.trials[-1].params["lr"] == pytest.approx(1e-3, rel=1e-8)
+    assert study.best_value == pytest.approx(7.0, abs=1e-12)
+
+
+def test_maximize_direction():
+    study = optuna.create_study(direction="maximize", sampler=HiDLRSampler(seed=1))
+    study.optimize(lambda t: -((t.suggest_float("x", -3, 3) - 1.2) ** 2), n_trials=6)
+    assert study.best_params["x"] == pytest.approx(1.2, abs=1e-9)
+
+
+def test_failed_and_nan_trials_are_left_out_and_their_points_asked_again():
+    space = {"x": FloatDistribution(-4, 4), "y": FloatDistribution(-4, 4)}
+    study = optuna.create_study(sampler=HiDLRSampler(search_space=space, seed=0))
+    first = study.ask()
+    first.suggest_float("x", -4, 4)
+    first.suggest_float("y", -4, 4)
+    study.tell(first, state=TrialState.FAIL)
+    again = study.ask()
+    assert again.suggest_float("x", -4, 4) == first.params["x"]  # the model's parameters are sampled together
+    assert attrs(study, again)["hidlr:index"] == attrs(study, first)["hidlr:index"] == 0
+    with pytest.warns(UserWarning, match="nan is not acceptable"):
+        study.tell(again, float("nan"))  # Optuna fails a NaN objective
+    assert study.trials[-1].state == TrialState.FAIL
+
+    calls = []
+
+    def objective(trial):
+        x, y = trial.suggest_float("x", -4, 4), trial.suggest_float("y", -4, 4)
+        calls.append(1)
+        return float("nan") if len(calls) == 3 else (x - 1) ** 2 + (y + 1) ** 2
+
+    study.optimize(objective, n_trials=9)
+    assert study.best_value == pytest.approx(0.0, abs=1e-9)
+
+
+def test_workers_on_one_sqlite_storage_share_the_round(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    space = {"x": FloatDistribution(-4, 4), "y": FloatDistribution(-4, 4)}
+    a = optuna.create_study(study_name="s", storage=storage, sampler=HiDLRSampler(search_space=space, seed=0))
+    b = optuna.load_study(study_name="s", storage=storage, sampler=HiDLRSampler(search_space=space, seed=1))
+
+    def f(p):
+        return (p["x"] - 0.5) ** 2 + 2 * (p["y"] + 1.5) ** 2 + 0.3 * p["x"] * p["y"]
+
+    trials = []
+    for _ in range(3):  # two workers ask in turn while the other's trial is still running
+        for study in (a, b):
+            trial = study.ask(space)
+            trials.append((study, trial))
+    indices = [attrs(study, t)["hidlr:index"] for study, t in trials]
+    assert sorted(indices) == list(range(6))  # the six points of one pairwise design, none twice
+    for study, trial in trials:
+        study.tell(trial, f(trial.params))
+    nxt = b.ask(space)
+    assert attrs(b, nxt)["hidlr:round"] == 1
+    # The minimiser of the exact quadratic: 2(x - .5) + .3y = 0, 4(y + 1.5) + .3x = 0.
+    expected = np.linalg.solve([[2.0, 0.3], [0.3, 4.0]], [1.0, -6.0])
+    np.testing.assert_allclose([nxt.params["x"], nxt.params["y"]], expected, rtol=1e-9)
+
+
+def test_seed_makes_sampling_reproducible():
+    def run(seed):
+        study = optuna.create_study(sampler=HiDLRSampler(seed=seed))
+        study.optimize(lambda t: t.suggest_float("x", -1, 1) ** 2 + t.suggest_int("n", 0, 9), n_trials=8)
+        return [t.params for t in study.trials]
+
+    assert run(3) == run(3)
+
+
+def test_bad_arguments_are_rejected():
+    with pytest.raises(ValueError, match="not continuous"):
+        HiDLRSampler(search_space={"n": optuna.distributions.IntDistribution(0, 3)})
+    with pytest.raises(ValueError, match="radius must be in"):
+        HiDLRSampler(radius=2.0)
+    with pytest.raises(ValueError, match="outside"):
+        HiDLRSampler(search_space={"x": FloatDistribution(0, 1)}, x0={"x": 3.0})
+    with pytest.raises(ValueError, match="mode must be one of"):
+        HiDLRSampler(mode="quadratic")
