@@ -30,8 +30,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .curvature import QuadraticFit, Safeguards, apply_safeguards, check_mode, fit_quadratic, influence, make_design
+from .curvature import Safeguards, check_mode, influence, make_design
 from .groups import check_param_groups, group_names
+from .inner import InnerSolver, check_inner, refit_rates
 from .probe import LossFn, Prober
 
 __all__ = ["HiDLR", "RefitRecord"]
@@ -105,6 +106,10 @@ class HiDLR:
         lr_bounds: absolute (lr_min, lr_max) (None: off).
         nondescent_shrink: factor applied to a group's rate when its direction does not descend (1: keep).
         horizon: planned number of steps; rates are multiplied by max(0, 1 - t / horizon) (None: off).
+        inner: the inner solver of each refit (see :mod:`hidlr_hpo.inner`): None (Hi-DLR's maths directly),
+            ``"hidlr"`` (the same through Optuna's ask-and-tell with :class:`HiDLRSampler`; same rates), or a
+            factory ``fn(search_space) -> optuna sampler`` (Grid, TPE, GP, CMA-ES, Random) given the same probe
+            budget, whose best probed point becomes the proposal.
         eval_mode: run probes with ``model.eval()``.
         seed: seeds the random designs.
     """
@@ -128,6 +133,7 @@ class HiDLR:
         lr_bounds: tuple[float, float] | None = (1e-8, 10.0),
         nondescent_shrink: float = 1.0,
         horizon: int | None = None,
+        inner: InnerSolver = None,
         eval_mode: bool = True,
         seed: int = 0,
     ) -> None:
@@ -142,6 +148,8 @@ class HiDLR:
         if horizon is not None and (isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1):
             raise ValueError(f"horizon must be None or an int >= 1 (the planned number of steps), got {horizon!r}")
         self.mode = check_mode(mode)
+        check_inner(inner)
+        self.inner = inner
         check_param_groups(optimizer.param_groups)
         model_params = {id(p) for p in model.parameters()}
         for name, group in zip(group_names(optimizer.param_groups), optimizer.param_groups, strict=True):
@@ -235,15 +243,21 @@ class HiDLR:
 
     def _refit(self, batch: Any, start: list[list[torch.Tensor]], applied: torch.Tensor, factor: float) -> None:
         eta0 = self.base_lrs
-        points = make_design(self.design_spec, self.num_groups, self.mode, self.delta, self._generator)
-        t0 = time.perf_counter()
-        # Probe point x (multipliers of eta0) is w(t) + (x_k eta0_k / applied_k) u_k.
-        losses = self.prober.losses(batch, start, points * (eta0 / applied))
-        probe_seconds = time.perf_counter() - t0
-        self.probe_forwards += points.shape[0]
+        design = make_design(self.design_spec, self.num_groups, self.mode, self.delta, self._generator)
+        probe_seconds = 0.0
 
-        fit: QuadraticFit = fit_quadratic(points, losses, self.mode).rescale(eta0)
-        result = apply_safeguards(eta0, fit, self.guards, n_accepted=len(self.history) - self.n_rejected)
+        def evaluate(points: torch.Tensor) -> torch.Tensor:
+            nonlocal probe_seconds
+            t0 = time.perf_counter()
+            # Probe point x (multipliers of eta0) is w(t) + (x_k eta0_k / applied_k) u_k.
+            losses = self.prober.losses(batch, start, points * (eta0 / applied))
+            probe_seconds += time.perf_counter() - t0
+            self.probe_forwards += points.shape[0]
+            return losses
+
+        n_accepted = len(self.history) - self.n_rejected
+        refit = refit_rates(design, evaluate, eta0, self.mode, self.guards, n_accepted, self.inner)
+        fit, result, losses = refit.fit, refit.result, refit.losses
         if not torch.isfinite(losses).all():
             self.n_nonfinite += 1
         if result.rejected:

@@ -35,6 +35,7 @@ __all__ = [
     "features",
     "fit_quadratic",
     "influence",
+    "limit_rates",
     "make_design",
     "n_unknowns",
     "pairwise_design",
@@ -383,7 +384,24 @@ def apply_safeguards(prev: torch.Tensor, fit: QuadraticFit, guards: Safeguards, 
     new[nondescent] = prev[nondescent] * guards.nondescent_shrink
     _record(fired, "nonconvex", nonconvex)
     _record(fired, "nondescent", nondescent)
+    return SafeguardResult(limit_rates(prev, new, guards, n_accepted, fired), proposed, fired, used_mode)
 
+
+def limit_rates(
+    prev: torch.Tensor,
+    new: torch.Tensor,
+    guards: Safeguards,
+    n_accepted: int = 0,
+    fired: dict[str, list[int]] | None = None,
+) -> torch.Tensor:
+    """The rate-limiting safeguards alone: trust region -> smoothing -> absolute bounds.
+
+    Used on a fit's solution by :func:`apply_safeguards`, and on the best probe point when another Optuna
+    sampler is Hi-DLR's inner solver. ``fired`` collects the groups each safeguard clipped.
+    """
+    fired = {} if fired is None else fired
+    prev = prev.to(torch.float64)
+    new = new.to(torch.float64)
     if guards.trust_ratio is not None:
         lo, hi = prev / guards.trust_ratio, prev * guards.trust_ratio
         clipped = (new < lo) | (new > hi)
@@ -403,7 +421,7 @@ def apply_safeguards(prev: torch.Tensor, fit: QuadraticFit, guards: Safeguards, 
         clipped = (new < lo_b) | (new > hi_b)
         new = new.clamp(lo_b, hi_b)
         _record(fired, "lr_bounds", clipped)
-    return SafeguardResult(new, proposed, fired, used_mode)
+    return new
 
 
 def _record(fired: dict[str, list[int]], name: str, mask: torch.Tensor) -> None:

@@ -240,3 +240,71 @@ def test_bad_optimizer_setups_are_rejected():
         HiDLR(torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1), model, mse)
     with pytest.raises(TypeError, match="torch.optim.Optimizer"):
         HiDLR("adam", model, mse)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("mode, design", [("diag", "axial"), ("full", "pairwise"), ("diag", 11)])
+def test_optuna_ask_and_tell_with_hidlr_sampler_gives_the_fast_path_rates(mode, design):
+    def run(inner):
+        torch.manual_seed(4)
+        model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 1))
+        opt = torch.optim.AdamW(group_parameters(model, "layer"), lr=1e-2)
+        hidlr = HiDLR(opt, model, mse, interval=2, mode=mode, design=design, inner=inner)
+        data = [least_squares_batch(seed=s) for s in range(3)]
+        run_steps = 8
+        for t in range(run_steps):
+            mse(model, data[t % 3]).backward()
+            hidlr.step(data[(t + 1) % 3])
+            opt.zero_grad()
+        return hidlr
+
+    fast, via_optuna = run(None), run("hidlr")
+    assert len(fast.history) == len(via_optuna.history) == 4
+    for a, b in zip(fast.history, via_optuna.history, strict=True):
+        torch.testing.assert_close(torch.tensor(b.lrs), torch.tensor(a.lrs), rtol=1e-9, atol=0)
+        torch.testing.assert_close(torch.tensor(b.b), torch.tensor(a.b), rtol=1e-6, atol=1e-9)
+    assert via_optuna.probe_forwards == fast.probe_forwards
+
+
+def grid_factory(space):
+    import optuna
+
+    return optuna.samplers.GridSampler({name: [0.25, 0.5, 1.0, 2.0, 4.0] for name in space}, seed=0)
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [
+        grid_factory,
+        lambda space: __import__("optuna").samplers.TPESampler(seed=0),
+        lambda space: __import__("optuna").samplers.RandomSampler(seed=0),
+        lambda space: __import__("optuna").samplers.CmaEsSampler(seed=0),
+        lambda space: __import__("optuna").samplers.GPSampler(seed=0),
+    ],
+    ids=["grid", "tpe", "random", "cmaes", "gp"],
+)
+def test_other_optuna_samplers_pick_the_best_probe_with_the_same_budget(factory):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    torch.manual_seed(1)
+    model = TwoBlockLinear()
+    opt = torch.optim.SGD(group_parameters(model, "layer"), lr=1e-3)
+    batch = least_squares_batch()
+    mse(model, batch).backward()
+    hidlr = HiDLR(opt, model, mse, interval=1, inner=factory, **RAW)
+    hidlr.step(batch)
+    fit = hidlr.last_fit
+    assert hidlr.probe_forwards == 5 == len(fit.losses)  # 2K + 1, the axial design's budget
+    best = min(range(5), key=lambda j: fit.losses[j])
+    assert fit.used_mode == "best-probe"
+    # With the safeguards off the new rate is the best probed multiplier times the old rate.
+    torch.testing.assert_close(torch.tensor(hidlr.lrs()), torch.tensor(fit.proposed), rtol=1e-12, atol=0)
+    assert all(0.25 * 1e-3 <= lr <= 4.0 * 1e-3 for lr in fit.proposed)
+    assert fit.losses[best] == min(fit.losses)
+
+
+def test_inner_must_be_none_hidlr_or_a_factory():
+    model = TwoBlockLinear()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="inner must be None"):
+        HiDLR(opt, model, mse, inner="tpe")
