@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markdown import Markdown
 from rich.table import Table
 
+from .config import load_study_config
 from .groups import group_names, group_parameters
+from .report import write_report
+from .study import run_study
 from .tasks import get_task
 from .training import EpochLog, train
 
@@ -94,6 +99,54 @@ def demo(
             f"AdamW    final val loss {plain.final_val_loss:.4f}  test acc {plain.test_acc:.3f}  "
             f"(fixed lr={lr:g}, {plain.wall_seconds:.1f}s)"
         )
+
+
+StudyFile = Annotated[Path, typer.Argument(help="a study file, e.g. studies/digits.toml", exists=True, dir_okay=False)]
+StorageOption = Annotated[
+    str | None, typer.Option(help="Optuna storage URL (default: the study file's, an SQLite file)")
+]
+
+
+def _load(path: Path, quick: bool):
+    try:
+        cfg = load_study_config(path)
+    except ValueError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    return cfg.quick() if quick else cfg
+
+
+@app.command()
+def run(
+    study_file: StudyFile,
+    storage: StorageOption = None,
+    quick: Annotated[bool, typer.Option(help="2 epochs, one seed: a smoke run")] = False,
+) -> None:
+    """Run a comparison study (a rerun resumes; finished trials are not repeated)."""
+    cfg = _load(study_file, quick)
+    run_study(cfg, storage=storage)
+    console.print(
+        f"study [bold]{cfg.name}[/bold] done in {storage or cfg.storage}; "
+        f"next: hidlr report {study_file}{' --quick' if quick else ''}"
+    )
+
+
+@app.command()
+def report(
+    study_file: StudyFile,
+    storage: StorageOption = None,
+    out: Annotated[Path | None, typer.Option(help="output folder (default: the study's results_dir)")] = None,
+    quick: Annotated[bool, typer.Option(help="report the --quick run")] = False,
+) -> None:
+    """Write the comparison table (markdown) and plots (PNG) of a study."""
+    cfg = _load(study_file, quick)
+    try:
+        path = write_report(cfg, out_dir=out, storage=storage)
+    except ValueError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    console.print(Markdown(path.read_text().split("![")[0]))
+    console.print(f"report: {path}")
 
 
 if __name__ == "__main__":  # pragma: no cover

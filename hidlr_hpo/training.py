@@ -8,7 +8,7 @@ validation and test splits is not counted: every method pays it alike.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -79,7 +79,7 @@ def evaluate(model: nn.Module, task: Task, split: Split, batch_size: int = 1024)
 def train(
     task: Task,
     *,
-    lr: float,
+    lr: float | Sequence[float],
     epochs: int,
     batch_size: int = 64,
     seed: int = 0,
@@ -88,23 +88,31 @@ def train(
     probe: ProbeSource = "heldout",
     on_epoch: Callable[[EpochLog], None] | None = None,
     device: str | torch.device = "cpu",
+    grouping: str | None = None,
 ) -> TrainResult:
     """Train ``task.make_model(seed)`` with ``optimizer`` over the task's groups.
 
     Args:
-        lr: the starting learning rate of every group.
+        lr: the starting learning rate of every group, or one per group (in the grouping's order).
         hidlr: keyword arguments of :class:`HiDLR` to tune the rates online; None trains at fixed ``lr``.
             ``horizon=True`` is replaced by the planned number of steps, ``horizon=False`` by None.
         probe: the probe batch: ``"train"`` (the batch just trained on) or ``"heldout"`` (a random
             validation batch of the same size, so the fitted objective is a validation loss).
         on_epoch: called after every epoch with its log (progress display).
         device: where the model, the data and the probes live ("cpu", "cuda"); the same code path.
+        grouping: overrides the task's grouping strategy (``"single"``: one group, GeN).
     """
     start = time.perf_counter()
     task = task.to(device)
     model = task.make_model(seed).to(device)
     model.train()
-    groups = group_parameters(model, task.grouping)
+    groups = group_parameters(model, grouping or task.grouping)
+    if isinstance(lr, Sequence):
+        if len(lr) != len(groups):
+            raise ValueError(f"got {len(lr)} learning rates for {len(groups)} parameter groups")
+        for group, group_lr in zip(groups, lr, strict=True):
+            group["lr"] = float(group_lr)
+        lr = float(lr[0])
     opt = optimizer(groups, lr=lr)
     gen = torch.Generator().manual_seed(seed)
     probe_gen = torch.Generator().manual_seed(seed + 1_000_003)

@@ -1,0 +1,180 @@
+"""Study files (``studies/*.toml``): the task, the methods to compare, the budget, the seeds, the storage.
+
+Example ``studies/digits.toml``::
+
+    name = "digits"
+    seeds = [0, 1, 2]
+    storage = "sqlite:///hidlr-studies.db"
+    results_dir = "docs/results/digits"
+
+    [task]
+    name = "digits"
+
+    [budget]
+    epochs = 30
+    batch_size = 64
+
+    [[methods]]
+    name = "hidlr-diag"
+    kind = "hidlr"
+    mode = "diag"
+
+    [[methods]]
+    name = "grid"
+    kind = "grid"
+    lrs = [1e-4, 3.16e-4, 1e-3, 3.16e-3, 1e-2, 3.16e-2, 1e-1, 3.16e-1]
+
+Every field is validated; an error names the field and the file.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = ["MethodConfig", "StudyConfig", "load_study_config"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TaskConfig(_Strict):
+    name: str
+    options: dict[str, object] = Field(default_factory=dict, description="keyword arguments of the task factory")
+
+
+class BudgetConfig(_Strict):
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(64, ge=1)
+
+
+def _positive_lr(value: float) -> float:
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"a learning rate must be positive and finite, got {value}")
+    return value
+
+
+def _check_grid(values: list[float]) -> list[float]:
+    for v in values:
+        _positive_lr(v)
+    if len(set(values)) != len(values):
+        raise ValueError(f"the grid repeats a value: {values}")
+    return values
+
+
+class HiDLRMethod(_Strict):
+    """Hi-DLR over the task's groups (``grouping="single"`` makes it GeN)."""
+
+    kind: Literal["hidlr"]
+    name: str
+    lr: float = 1e-3
+    mode: Literal["diag", "full"] = "diag"
+    interval: int = Field(10, ge=1)
+    probe: Literal["heldout", "train"] = "heldout"
+    horizon: bool = True
+    grouping: str | None = None
+    options: dict[str, object] = Field(default_factory=dict, description="more HiDLR keyword arguments")
+
+    _lr = field_validator("lr")(_positive_lr)
+
+
+class FixedMethod(_Strict):
+    """The base optimizer at one fixed learning rate (e.g. AdamW's default 1e-3)."""
+
+    kind: Literal["fixed"]
+    name: str
+    lr: float = 1e-3
+
+    _lr = field_validator("lr")(_positive_lr)
+
+
+class GridMethod(_Strict):
+    """Grid search over a uniform learning rate with Optuna's GridSampler; selects on final val loss."""
+
+    kind: Literal["grid"]
+    name: str
+    lrs: list[float] = Field(min_length=2)
+
+    _lrs = field_validator("lrs")(_check_grid)
+
+
+class GroupGridMethod(_Strict):
+    """Grid search over one learning rate per group (the product grid), for tasks with few groups."""
+
+    kind: Literal["group-grid"]
+    name: str
+    lrs: list[float] = Field(min_length=2)
+    max_configs: int = Field(64, ge=1, description="refuse product grids larger than this")
+
+    _lrs = field_validator("lrs")(_check_grid)
+
+
+class TPEMethod(_Strict):
+    """Optuna's TPESampler over a uniform log learning rate."""
+
+    kind: Literal["tpe"]
+    name: str
+    n_trials: int = Field(8, ge=1)
+    low: float = 1e-5
+    high: float = 1.0
+
+    @model_validator(mode="after")
+    def _range(self) -> TPEMethod:
+        _positive_lr(self.low)
+        _positive_lr(self.high)
+        if not self.low < self.high:
+            raise ValueError(f"low must be < high, got low={self.low}, high={self.high}")
+        return self
+
+
+MethodConfig = Annotated[
+    HiDLRMethod | FixedMethod | GridMethod | GroupGridMethod | TPEMethod, Field(discriminator="kind")
+]
+
+
+class StudyConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    task: TaskConfig
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    storage: str = "sqlite:///hidlr-studies.db"
+    results_dir: str = "results"
+    methods: list[MethodConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> StudyConfig:
+        names = [m.name for m in self.methods]
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise ValueError(f"method names must be unique; repeated: {duplicated}")
+        return self
+
+    def quick(self) -> StudyConfig:
+        """A few-seconds version for tests and smoke runs: 2 epochs, one seed."""
+        return self.model_copy(
+            update={"budget": BudgetConfig(epochs=2, batch_size=self.budget.batch_size), "seeds": self.seeds[:1]}
+        )
+
+
+def load_study_config(path: str | Path) -> StudyConfig:
+    """Read and validate a study file; errors name the file and the offending fields."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no study file at {path}")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path} is not valid TOML: {exc}") from exc
+    try:
+        return StudyConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = [f"{path}: invalid study file"]
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"])
+            lines.append(f"  {where}: {err['msg']}")
+        raise ValueError("\n".join(lines)) from None

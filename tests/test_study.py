@@ -1,0 +1,152 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+from typer.testing import CliRunner
+
+from hidlr_hpo.cli import app
+from hidlr_hpo.config import StudyConfig, load_study_config
+from hidlr_hpo.report import collect, write_report
+from hidlr_hpo.study import optuna_study_name, run_study
+
+REPO = Path(__file__).resolve().parents[1]
+
+SMALL = """
+name = "small"
+seeds = [0]
+storage = "sqlite:///{db}"
+results_dir = "{out}"
+
+[task]
+name = "digits"
+
+[budget]
+epochs = 1
+batch_size = 128
+
+[[methods]]
+name = "hidlr"
+kind = "hidlr"
+
+[[methods]]
+name = "grid"
+kind = "grid"
+lrs = [1e-3, 1e-2]
+
+[[methods]]
+name = "tpe"
+kind = "tpe"
+n_trials = 2
+"""
+
+
+@pytest.fixture(autouse=True)
+def _float32():
+    torch.set_default_dtype(torch.float32)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@pytest.fixture
+def small(tmp_path) -> tuple[Path, StudyConfig]:
+    path = tmp_path / "small.toml"
+    path.write_text(SMALL.format(db=tmp_path / "studies.db", out=tmp_path / "report"))
+    return path, load_study_config(path)
+
+
+def trials(cfg, name, state=TrialState.COMPLETE):
+    method = next(m for m in cfg.methods if m.name == name)
+    study = optuna.load_study(study_name=optuna_study_name(cfg, method, 0), storage=cfg.storage)
+    return study, study.get_trials(states=(state,))
+
+
+def test_every_committed_study_file_is_valid():
+    files = sorted((REPO / "studies").glob("*.toml"))
+    assert files
+    for path in files:
+        cfg = load_study_config(path)
+        assert cfg.methods and cfg.seeds
+
+
+def test_invalid_study_files_name_the_field(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(SMALL.format(db="x.db", out="o").replace("lrs = [1e-3, 1e-2]", "lrs = [1e-3, -1.0]"))
+    with pytest.raises(ValueError, match=r"bad.toml: invalid study file\n  methods.1.grid.lrs: .*positive"):
+        load_study_config(bad)
+    bad.write_text(SMALL.format(db="x.db", out="o").replace("epochs = 1", "epochs = 1\nepoch = 3"))
+    with pytest.raises(ValueError, match=r"budget.epoch: Extra inputs are not permitted"):
+        load_study_config(bad)
+    bad.write_text(SMALL.format(db="x.db", out="o").replace('name = "tpe"', 'name = "grid"'))
+    with pytest.raises(ValueError, match=r"repeated: \['grid'\]"):
+        load_study_config(bad)
+    bad.write_text("name = [")
+    with pytest.raises(ValueError, match="not valid TOML"):
+        load_study_config(bad)
+
+
+def test_run_stores_one_trial_per_configuration_and_resumes(small):
+    path, cfg = small
+    run_study(cfg, show_progress=False)
+    study, grid = trials(cfg, "grid")
+    assert sorted(t.params["lr"] for t in grid) == [1e-3, 1e-2]
+    for t in grid:
+        assert t.value == pytest.approx(t.user_attrs["final_val_loss"])
+        assert t.user_attrs["compute"] == 3 * 1078  # one epoch, no probes
+    _, (hidlr,) = trials(cfg, "hidlr")
+    assert hidlr.user_attrs["compute"] > 3 * 1078 and hidlr.user_attrs["probe_compute"] > 0
+    assert len(trials(cfg, "tpe")[1]) == 2
+
+    before = {t.number for t in grid}
+    run_study(cfg, show_progress=False)  # nothing left to do
+    assert {t.number for t in trials(cfg, "grid")[1]} == before
+
+    # An interrupted run left a trial RUNNING, and the grid grew by one value: only that is trained.
+    study.ask()
+    bigger = StudyConfig.model_validate(
+        {
+            **cfg.model_dump(),
+            "methods": [
+                m.model_dump() if m.name != "grid" else {**m.model_dump(), "lrs": [1e-3, 1e-2, 3e-3]}
+                for m in cfg.methods
+            ],
+        }
+    )
+    run_study(bigger, show_progress=False)
+    _, grid = trials(bigger, "grid")
+    assert sorted(t.params["lr"] for t in grid) == [1e-3, 3e-3, 1e-2]
+    assert len(trials(bigger, "grid", TrialState.FAIL)[1]) == 1
+    assert len(trials(bigger, "grid", TrialState.RUNNING)[1]) == 0
+
+
+def test_report_writes_table_and_plots(small):
+    path, cfg = small
+    run_study(cfg, show_progress=False)
+    summaries = {s.name: s for s in collect(cfg)}
+    grid = summaries["grid"]
+    assert grid.trials_per_seed == [2] and grid.compute == [2 * 3 * 1078]
+    assert grid.selected[0].value == min(t.value for t in grid.searches[0])
+    report = write_report(cfg)
+    text = report.read_text()
+    for name in ("hidlr", "grid", "tpe"):
+        assert f"| {name} |" in text
+    assert "the best grid validation loss" in text
+    for png in ("val_loss_vs_compute.png", "lrs_hidlr.png"):
+        data = (report.parent / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_cli_run_and_report(small):
+    path, cfg = small
+    runner = CliRunner()
+    result = runner.invoke(app, ["run", str(path), "--quick"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["report", str(path), "--quick"])
+    assert result.exit_code == 0, result.output
+    assert (Path(cfg.results_dir) / "report.md").is_file()
+    bad = path.with_name("bad.toml")
+    bad.write_text(path.read_text().replace("n_trials = 2", "n_trials = 0"))
+    result = runner.invoke(app, ["run", str(bad)])
+    assert result.exit_code == 2 and "methods.2.tpe.n_trials" in result.output
