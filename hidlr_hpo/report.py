@@ -37,7 +37,7 @@ class MethodSummary:
 
     def metric(self, key: str) -> list[float]:
         values = [t.value if key == "final_val_loss" else t.user_attrs.get(key) for t in self.selected]
-        return [math.inf if v is None else float(v) for v in values]
+        return [math.nan if v is None else float(v) for v in values]  # None: not finite, or not applicable
 
 
 def collect(cfg: StudyConfig, storage: str | None = None) -> list[MethodSummary]:
@@ -65,10 +65,10 @@ def collect(cfg: StudyConfig, storage: str | None = None) -> list[MethodSummary]
 
 def _mean_std(values: list[float], digits: int = 4) -> str:
     finite = [v for v in values if math.isfinite(v)]
-    if len(finite) < len(values):
-        return f"diverged in {len(values) - len(finite)}/{len(values)}"
-    if not values:
+    if not finite:
         return "-"
+    if len(finite) < len(values):
+        return f"not finite in {len(values) - len(finite)}/{len(values)}"
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.mean(values):.{digits}f} +- {sd:.{digits}f}"
 

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from .base import Split, Task
 from .digits import digits_task
+from .synthetic import multitask_task, nam_task
 
-__all__ = ["Split", "Task", "digits_task", "get_task"]
+__all__ = ["Split", "Task", "digits_task", "get_task", "multitask_task", "nam_task"]
 
-TASKS = {"digits": digits_task}
+TASKS = {"digits": digits_task, "nam": nam_task, "multitask": multitask_task}
 
 
 def get_task(name: str, **kwargs):
-    """Build a task by name (``"digits"``)."""
+    """Build a task by name (``"digits"``, ``"nam"``, ``"multitask"``)."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; available: {sorted(TASKS)}")
     return TASKS[name](**kwargs)

@@ -42,7 +42,7 @@ class Task:
     test: Split
     make_model: Callable[[int], nn.Module]  # seed -> freshly initialised model
     loss_fn: Callable[[nn.Module, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]
-    grouping: str = "layer"
+    grouping: str | Callable[[str, nn.Parameter], str] = "layer"  # a group_parameters strategy
     classification: bool = True
 
     def to(self, device: str | torch.device) -> Task:
