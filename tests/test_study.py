@@ -132,7 +132,7 @@ def test_report_writes_table_and_plots(small):
     text = report.read_text()
     for name in ("hidlr", "grid", "tpe"):
         assert f"| {name} |" in text
-    assert "the best grid validation loss" in text
+    assert "Against `grid` (grid, final validation loss" in text
     for png in ("val_loss_vs_compute.png", "lrs_hidlr.png"):
         data = (report.parent / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
