@@ -45,3 +45,17 @@ def test_multitask_heads_see_different_curvature():
     measured = [c for c in heads if math.isfinite(c) and c > 0]
     assert len(measured) >= 2
     assert max(measured) / min(measured) > 10
+
+
+def test_sentiment_lora_task_trains_only_the_adapters_and_the_head():
+    task = get_task("sentiment", n_samples=60)
+    model = task.make_model(0)
+    groups = group_parameters(model, task.grouping)
+    assert [g["name"] for g in groups] == ["lora_A", "lora_B", "head"]
+    assert sum(p.numel() for g in groups for p in g["params"]) == 2 * 6 * 2 * 8 * 384 + 385  # rank 8, q and v
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert len(frozen) > 90  # the whole MiniLM encoder
+
+    result = train(task, lr=1e-3, epochs=1, batch_size=16, seed=0, hidlr={"interval": 1})
+    assert math.isfinite(result.final_val_loss) and len(result.hidlr.history) == 3
+    assert -1.0 <= float(task.train.y.min()) and float(task.train.y.max()) <= 1.0  # ratings / 4
