@@ -98,8 +98,8 @@ class HiDLR:
             multipliers of the current rates.
         delta: the design's half-width, in multipliers of the current rates.
         trust_ratio: new rate within [eta / r, eta * r] of the previous one (None: off).
-        smoothing: eta <- s * eta_prev + (1 - s) * eta_new (0: off). By default only increases are smoothed
-            (``smooth_decreases=False``): a decrease within the trust region applies at once.
+        smoothing: eta <- s * eta_prev + (1 - s) * eta_new (0: off); ``smooth_decreases=False`` smooths only
+            increases, so a decrease within the trust region applies at once.
         smoothing_bias_correction, log_smoothing, smooth_decreases: see
             :class:`~hidlr_hpo.curvature.Safeguards`.
         min_r2: reject fits whose R^2 is below this (None: off).
@@ -128,7 +128,7 @@ class HiDLR:
         smoothing: float = 0.9,
         smoothing_bias_correction: bool = False,
         log_smoothing: bool = False,
-        smooth_decreases: bool = False,
+        smooth_decreases: bool = True,
         min_r2: float | None = None,
         lr_bounds: tuple[float, float] | None = (1e-8, 10.0),
         nondescent_shrink: float = 1.0,
