@@ -1,7 +1,8 @@
-"""Hi-DLR core on digits: an 8-value AdamW grid against Hi-DLR variants (short-horizon remedies) and
-against the chosen defaults started from poor learning rates.
+"""How Hi-DLR's defaults were chosen: an 8-value AdamW grid against Hi-DLR variants (short-horizon remedies),
+each started from the grid's best, a 10x smaller and a 10x larger learning rate.
 
-    python studies/core_digits.py --seeds 3 --out docs/results/core-digits.md
+    python studies/defaults.py --task digits --variants            # -> docs/results/defaults-digits.md
+    python studies/defaults.py --task multitask --configs "..."    # named variants only
 
 Selection is on the *final* validation loss (never on the test split); the test split is reported only.
 """
@@ -9,6 +10,7 @@ Selection is on the *final* validation loss (never on the test split); the test 
 from __future__ import annotations
 
 import argparse
+import math
 import platform
 import statistics
 import time
@@ -25,6 +27,8 @@ GRID = [10 ** (-4 + 0.5 * i) for i in range(8)]  # 1e-4 ... 3.16e-1
 
 
 def mean_std(values: list[float]) -> str:
+    if not all(math.isfinite(v) for v in values):
+        return "-" if all(math.isnan(v) for v in values) else "not finite"
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.mean(values):.4f} +- {sd:.4f}"
 
@@ -76,18 +80,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--out", type=Path, default=Path("docs/results/core-digits.md"))
+    parser.add_argument("--task", default="digits")
+    parser.add_argument("--out", type=Path, default=None, help="default: docs/results/defaults-<task>.md")
+    parser.add_argument("--configs", nargs="*", default=None, help="run only these variants (their labels)")
     parser.add_argument(
         "--variants", action="store_true", help="sweep the short-horizon remedies, not only the chosen defaults"
     )
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=UserWarning)
     torch.set_num_threads(1)
-    task = get_task("digits")
+    task = get_task(args.task)
     seeds = list(range(args.seeds))
     started = time.perf_counter()
 
     configs = VARIANTS if args.variants else {CHOSEN: VARIANTS[CHOSEN]}
+    if args.configs:
+        unknown = [c for c in args.configs if c not in VARIANTS]
+        if unknown:
+            parser.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+        configs = {c: VARIANTS[c] for c in dict.fromkeys([*args.configs, CHOSEN])}
+    out = args.out or Path(f"docs/results/defaults-{args.task}.md")
     jobs = (len(GRID) + len(configs) * len(STARTS)) * len(seeds)
     grid: dict[float, list[TrainResult]] = {}
     swept: dict[str, dict[float, list[TrainResult]]] = {}
@@ -109,12 +121,17 @@ def main() -> None:
     best_lr = min(grid, key=lambda lr: statistics.mean(r.final_val_loss for r in grid[lr]))
     grid_compute = sum(r.compute for runs in grid.values() for r in runs) / len(seeds)
     chosen = CHOSEN
+    command = " ".join(
+        ["python studies/defaults.py", f"--task {args.task}", f"--seeds {args.seeds}"]
+        + (["--variants"] if args.variants else [])
+        + ([f"--configs {' '.join(repr(c) for c in args.configs)}"] if args.configs else [])
+    )
     lines = [
-        "# Hi-DLR core on digits: defaults against an 8-value AdamW grid",
+        f"# Hi-DLR's defaults on {args.task}: variants against an 8-value AdamW grid",
         "",
-        f"Command: `python studies/core_digits.py --seeds {args.seeds}{' --variants' if args.variants else ''}`  ",
-        f"Task: scikit-learn digits, 1078 train / 359 val / 360 test (fixed stratified split), MLP 64-128-128-10, "
-        f"three layer groups, AdamW, batch 64, {args.epochs} epochs. Seeds {seeds} (model init and batch order); "
+        f"Command: `{command}`  ",
+        f"Task: {args.task} ({len(task.train)} train / {len(task.val)} val / {len(task.test)} test, fixed split), "
+        f"AdamW, batch 64, {args.epochs} epochs. Seeds {seeds} (model init and batch order); "
         "mean +- std over seeds. Selection on the final validation loss; the test split is only reported.  ",
         "Compute: forward-equivalents per example (training step 3, probe forward 1), per run.  ",
         f"Machine: {platform.machine()} CPU, torch {torch.__version__}, 1 thread; total wall time "
@@ -128,7 +145,7 @@ def main() -> None:
         f"The whole grid costs {grid_compute / 1e3:,.0f}k forward-equivalents per seed.",
         "",
     ]
-    if args.variants:
+    if len(swept) > 1:
         lines += [
             "## Short-horizon remedies: final validation loss from each starting rate",
             "",
@@ -156,8 +173,8 @@ def main() -> None:
         *(row(f"Hi-DLR from lr={lr:.0e}", runs) for lr, runs in swept[chosen].items()),
         "",
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines))
     print("\n".join(lines))
 
 
