@@ -217,11 +217,12 @@ class HiDLRSampler(BaseSampler):
             ]
         )
         y = self._minimised(study, done)
-        best_seen = offsets[int(np.argmin(y))]
-        step = best_seen
+        step = offsets[int(np.argmin(y))]  # the best point seen, unless the model predicts better
         fit = fit_quadratic(torch.as_tensor(offsets), torch.as_tensor(y), self._mode)
         if fit.is_finite:
-            candidates = [np.clip(solve(fit).numpy(), -1.0, 1.0)] if torch.isfinite(solve(fit)).all() else []
+            # Candidates in the box: the clipped model minimiser, the probed points, the box's corners.
+            minimiser = solve(fit)
+            candidates = [np.clip(minimiser.numpy(), -1.0, 1.0)] if torch.isfinite(minimiser).all() else []
             candidates += list(offsets)
             if len(names) <= 10:
                 candidates += [np.array(v, dtype=float) for v in itertools.product((-1.0, 1.0), repeat=len(names))]
