@@ -100,6 +100,12 @@ def test_failed_and_nan_trials_are_left_out_and_their_points_asked_again():
     with pytest.warns(UserWarning, match="nan is not acceptable"):
         study.tell(again, float("nan"))  # Optuna fails a NaN objective
     assert study.trials[-1].state == TrialState.FAIL
+    pruned = study.ask()
+    assert pruned.suggest_float("x", -4, 4) == first.params["x"]
+    study.tell(pruned, state=TrialState.PRUNED)
+    retry = study.ask(space)
+    assert attrs(study, retry)["hidlr:index"] == 0  # asked again
+    study.tell(retry, (retry.params["x"] - 1) ** 2 + (retry.params["y"] + 1) ** 2)
 
     calls = []
 
