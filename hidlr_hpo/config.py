@@ -67,11 +67,38 @@ def _check_grid(values: list[float]) -> list[float]:
     return values
 
 
-class HiDLRMethod(_Strict):
-    """Hi-DLR over the task's groups (``grouping="single"`` makes it GeN)."""
+def _known_optimizer(name: str) -> str:
+    from .baselines.optimizers import OPTIMIZERS
+
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {sorted(OPTIMIZERS)}")
+    return name
+
+
+class _BaseOptimizer(_Strict):
+    """The base optimizer of a method, by name (see ``hidlr_hpo.baselines.OPTIMIZERS``), and its options."""
+
+    optimizer: str = "adamw"
+    optimizer_options: dict[str, object] = Field(
+        default_factory=dict, description="optimizer keyword arguments; plain_groups=[...] for SAGE"
+    )
+
+    _optimizer = field_validator("optimizer")(_known_optimizer)
+
+
+class _Scheduled(_BaseOptimizer):
+    """A uniform-lr method with a schedule: constant, linear decay or cosine, after a linear warm-up."""
+
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of the steps spent warming up")
+
+
+class HiDLRMethod(_BaseOptimizer):
+    """Hi-DLR over the task's groups (``grouping="single"`` makes it GeN; ``preset="gen"`` GeN's defaults)."""
 
     kind: Literal["hidlr"]
     name: str
+    preset: Literal["hidlr", "gen"] = "hidlr"
     lr: float = 1e-3
     mode: Literal["diag", "full"] = "diag"
     interval: int = Field(10, ge=1)
@@ -82,8 +109,16 @@ class HiDLRMethod(_Strict):
 
     _lr = field_validator("lr")(_positive_lr)
 
+    @model_validator(mode="after")
+    def _gen_is_one_group(self) -> HiDLRMethod:
+        if self.preset == "gen":
+            if self.grouping not in (None, "single"):
+                raise ValueError(f"preset 'gen' tunes one learning rate: leave grouping unset, not {self.grouping!r}")
+            self.grouping = "single"
+        return self
 
-class FixedMethod(_Strict):
+
+class FixedMethod(_Scheduled):
     """The base optimizer at one fixed learning rate (e.g. AdamW's default 1e-3)."""
 
     kind: Literal["fixed"]
@@ -93,7 +128,7 @@ class FixedMethod(_Strict):
     _lr = field_validator("lr")(_positive_lr)
 
 
-class GridMethod(_Strict):
+class GridMethod(_Scheduled):
     """Grid search over a uniform learning rate with Optuna's GridSampler; selects on final val loss."""
 
     kind: Literal["grid"]
@@ -103,7 +138,7 @@ class GridMethod(_Strict):
     _lrs = field_validator("lrs")(_check_grid)
 
 
-class GroupGridMethod(_Strict):
+class GroupGridMethod(_Scheduled):
     """Grid search over one learning rate per group (the product grid), for tasks with few groups."""
 
     kind: Literal["group-grid"]
@@ -114,7 +149,7 @@ class GroupGridMethod(_Strict):
     _lrs = field_validator("lrs")(_check_grid)
 
 
-class TPEMethod(_Strict):
+class TPEMethod(_Scheduled):
     """Optuna's TPESampler over a uniform log learning rate."""
 
     kind: Literal["tpe"]

@@ -47,18 +47,52 @@ class MethodSummary:
         return [math.nan if v is None else float(v) for v in values]  # None: not finite, or not applicable
 
 
+_OPTIMIZER_LABELS = {
+    "adamw": "AdamW",
+    "adam": "Adam",
+    "adamax": "Adamax",
+    "sgd": "SGD",
+    "adamw-sage": "AdamW-SAGE",
+    "adamax-sage": "Adamax-SAGE",
+    "prodigy": "Prodigy",
+    "dadapt-adam": "D-Adapt Adam",
+    "schedulefree-adamw": "Schedule-Free AdamW",
+}
+
+
 def describe(method: MethodConfig) -> str:
     """A short description of a method's configuration for the table."""
+    opt = _OPTIMIZER_LABELS.get(method.optimizer, method.optimizer)
     if isinstance(method, HiDLRMethod):
+        if method.preset == "gen":
+            return f"GeN preset (interval 4, R^2 >= 0.99) on {opt}, from lr={method.lr:g}, probe {method.probe}"
         groups = "one group (GeN)" if method.grouping == "single" else "task groups"
-        return f"Hi-DLR {method.mode}, {groups}, from lr={method.lr:g}, probe {method.probe}"
+        return f"Hi-DLR {method.mode} on {opt}, {groups}, from lr={method.lr:g}, probe {method.probe}"
+    schedule = "" if method.schedule == "constant" else f", {method.schedule} decay"
+    if method.warmup:
+        schedule += f", warm-up {method.warmup:.0%}"
     if isinstance(method, FixedMethod):
-        return f"fixed lr={method.lr:g}"
+        return f"{opt}, fixed lr={method.lr:g}{schedule}"
     if isinstance(method, GridMethod):
-        return f"uniform lr grid, {len(method.lrs)} values {min(method.lrs):g}..{max(method.lrs):g}"
+        return f"{opt}, uniform lr grid, {len(method.lrs)} values {min(method.lrs):g}..{max(method.lrs):g}{schedule}"
     if isinstance(method, GroupGridMethod):
-        return f"per-group lr grid, {len(method.lrs)} values per group"
-    return f"TPE over uniform lr in [{method.low:g}, {method.high:g}]"
+        return f"{opt}, per-group lr grid, {len(method.lrs)} values per group{schedule}"
+    return f"{opt}, TPE over uniform lr in [{method.low:g}, {method.high:g}]{schedule}"
+
+
+def reference_grid(cfg: StudyConfig, summaries: list[MethodSummary]) -> MethodSummary | None:
+    """The plain grid search every method's compute is measured against: the first uniform-lr grid of AdamW
+    at a constant rate (the method users replace); without one, the best grid."""
+    grids = [s for s in summaries if s.kind == "grid"]
+    for s in grids:
+        m = _config(cfg, s.name)
+        if m.optimizer == "adamw" and m.schedule == "constant" and not m.warmup:
+            return s
+    return min(grids, key=lambda s: statistics.mean(s.metric("final_val_loss"))) if grids else None
+
+
+def _config(cfg: StudyConfig, name: str) -> MethodConfig:
+    return next(m for m in cfg.methods if m.name == name)
 
 
 def collect(cfg: StudyConfig, storage: str | None = None) -> list[MethodSummary]:
@@ -105,8 +139,7 @@ def write_report(cfg: StudyConfig, out_dir: str | Path | None = None, storage: s
     summaries = [s for s in collect(cfg, storage) if s.selected]
     if not summaries:
         raise ValueError(f"study {cfg.name!r} has no finished trial in {storage or cfg.storage}; run it first")
-    grids = [s for s in summaries if s.kind == "grid"]
-    grid = min(grids, key=lambda s: statistics.mean(s.metric("final_val_loss"))) if grids else None
+    grid = reference_grid(cfg, summaries)
     grid_compute = statistics.mean(grid.compute) if grid else None
 
     lines = [
@@ -115,7 +148,7 @@ def write_report(cfg: StudyConfig, out_dir: str | Path | None = None, storage: s
         f"Budget: {cfg.budget.epochs} epochs, batch {cfg.budget.batch_size}. Seeds: {cfg.seeds} "
         "(mean +- std over seeds). Selection: lowest final validation loss; the test split is only reported.  ",
         "Compute: forward-equivalents per example (training step 3, probe forward 1), summed over all of a "
-        "method's trials for one seed.",
+        "method's trials for one seed" + (f"; 'vs grid compute' divides by `{grid.name}`'s." if grid else "."),
         "",
         "| method | configuration | trials/seed | final val loss | best-epoch val loss | test loss | test acc "
         "| compute/seed | vs grid compute | wall s/seed |",
@@ -126,7 +159,7 @@ def write_report(cfg: StudyConfig, out_dir: str | Path | None = None, storage: s
         ratio = f"{compute / grid_compute:.2f}" if grid_compute else "-"
         cells = [
             s.name,
-            describe(next(m for m in cfg.methods if m.name == s.name)),
+            describe(_config(cfg, s.name)),
             f"{statistics.mean(s.trials_per_seed):.0f}",
             _mean_std(s.metric("final_val_loss")),
             _mean_std(s.metric("best_val_loss")),
@@ -161,6 +194,7 @@ def write_report(cfg: StudyConfig, out_dir: str | Path | None = None, storage: s
                 f"{statistics.mean(s.compute) / g_compute:.0%} of its compute."
             )
         lines.append("")
+    lines += _sage_section(cfg, summaries, out)
     lines += ["![validation loss against compute](val_loss_vs_compute.png)", ""]
     _plot_loss_vs_compute(summaries, out / "val_loss_vs_compute.png")
     for s in summaries:
@@ -175,7 +209,8 @@ def write_report(cfg: StudyConfig, out_dir: str | Path | None = None, storage: s
 
 def _plot_loss_vs_compute(summaries: list[MethodSummary], path: Path) -> None:
     """Single runs: validation loss per epoch. Searches: best final loss so far after each trial."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)  # up to 20 methods, each its own colour
     for s in summaries:
         search = s.searches[0]  # first seed
         if len(search) == 1:
@@ -213,6 +248,48 @@ def _plot_lrs(summary: MethodSummary, path: Path) -> None:
     ax.set_title(f"{summary.name}: group learning rates at each refit (first seed)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _sage_section(cfg: StudyConfig, summaries: list[MethodSummary], out: Path) -> list[str]:
+    """SAGE beside Hi-DLR on the same task and budget: the per-group rates each ends up stepping with."""
+    sage = [s for s in summaries if _config(cfg, s.name).optimizer.endswith("-sage")]
+    hidlr = [s for s in summaries if s.kind == "hidlr" and _config(cfg, s.name).grouping != "single"]
+    if not sage or not hidlr:
+        return []
+    _plot_sage_vs_hidlr(hidlr[0], sage, out / "sage_vs_hidlr.png")
+    return [
+        "SAGE and Hi-DLR, same task and budget. SAGE scales every element's step by its sensitivity's "
+        "variation, lr x |I - I_bar| / I_bar with I = |theta * grad|, and still needs its lr searched (here by "
+        "the grid); Hi-DLR sets one rate per group from the measured curvature in one run. The plot shows the "
+        "rate each group steps with at the end of every epoch: Hi-DLR's group rates, and SAGE's lr times the "
+        "group's mean sensitivity multiplier at its selected grid point (first seed).",
+        "",
+        "![SAGE against Hi-DLR group rates](sage_vs_hidlr.png)",
+        "",
+    ]
+
+
+def _plot_sage_vs_hidlr(hidlr: MethodSummary, sage: list[MethodSummary], path: Path) -> None:
+    panels = [hidlr, *sage]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), sharey=True, squeeze=False)
+    names = hidlr.selected[0].user_attrs.get("refits", {}).get("group_names")
+    for ax, summary in zip(axes[0], panels, strict=True):
+        trial = summary.selected[0]
+        curve = trial.user_attrs["curve"]
+        rates = curve.get("effective_lrs") or curve["lrs"]
+        for k, series in enumerate(zip(*rates, strict=True)):
+            label = f"group {names[k]}" if names and k < len(names) else f"group {k}"
+            ax.plot([e + 1 for e in curve["epoch"]], series, label=label)
+        lr = f", lr={trial.params['lr']:g}" if "lr" in trial.params else ""
+        ax.set_title(f"{summary.name}{lr}", fontsize=9)
+        ax.set_yscale("log")
+        ax.set_xlabel("epoch")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel("rate stepped with (group mean)")
+    axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -26,6 +26,7 @@ import optuna
 from optuna.trial import TrialState
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from .baselines.gen import GEN_DEFAULTS
 from .config import FixedMethod, GridMethod, GroupGridMethod, HiDLRMethod, MethodConfig, StudyConfig, TPEMethod
 from .groups import group_parameters
 from .tasks import Task, get_task
@@ -141,11 +142,15 @@ def _objective(cfg: StudyConfig, task: Task, method: MethodConfig, seed: int, n_
         elif isinstance(method, FixedMethod):
             kwargs["lr"] = method.lr
         elif isinstance(method, HiDLRMethod):
+            kwargs.update(lr=method.lr, probe=method.probe, grouping=method.grouping, hidlr=hidlr_kwargs(method))
+        if isinstance(method, HiDLRMethod):
+            kwargs.update(optimizer=method.optimizer, optimizer_options=method.optimizer_options)
+        else:
             kwargs.update(
-                lr=method.lr,
-                probe=method.probe,
-                grouping=method.grouping,
-                hidlr={"mode": method.mode, "interval": method.interval, "horizon": method.horizon, **method.options},
+                optimizer=method.optimizer,
+                optimizer_options=method.optimizer_options,
+                schedule=method.schedule,
+                warmup=method.warmup,
             )
         result = train(task, **kwargs)
         _record(trial, result)
@@ -153,6 +158,14 @@ def _objective(cfg: StudyConfig, task: Task, method: MethodConfig, seed: int, n_
         return value if math.isfinite(value) else math.inf  # a diverged run is a bad result, not a failure
 
     return objective
+
+
+def hidlr_kwargs(method: HiDLRMethod) -> dict[str, Any]:
+    """The ``HiDLR`` keyword arguments of a method: its fields, over GeN's defaults for ``preset="gen"``."""
+    own = {"mode": method.mode, "interval": method.interval, "horizon": method.horizon}
+    if method.preset == "gen":  # GeN's defaults, unless the study file sets a field explicitly
+        own = {**GEN_DEFAULTS, **{k: v for k, v in own.items() if k in method.model_fields_set or k == "horizon"}}
+    return {**own, **method.options}
 
 
 def _record(trial: optuna.Trial, result: TrainResult) -> None:
@@ -166,6 +179,7 @@ def _record(trial: optuna.Trial, result: TrainResult) -> None:
             "val_loss": [e.val_loss if math.isfinite(e.val_loss) else None for e in result.epochs],
             "compute": [e.compute for e in result.epochs],
             "lrs": [e.lrs for e in result.epochs],
+            "effective_lrs": [e.effective_lrs for e in result.epochs],
         },
     )
     if result.hidlr is not None:

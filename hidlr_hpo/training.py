@@ -15,6 +15,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from .baselines.optimizers import make_optimizer, set_eval_mode
+from .baselines.schedules import make_schedule
 from .controller import HiDLR
 from .groups import group_parameters
 from .tasks.base import Split, Task
@@ -32,6 +34,8 @@ class EpochLog:
     val_acc: float
     lrs: list[float]
     compute: float
+    # the rates groups actually stepped with at the epoch's end (see _effective_lr); equal to lrs for most
+    effective_lrs: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -83,7 +87,10 @@ def train(
     epochs: int,
     batch_size: int = 64,
     seed: int = 0,
-    optimizer: Callable[..., torch.optim.Optimizer] = torch.optim.AdamW,
+    optimizer: str | Callable[..., torch.optim.Optimizer] = "adamw",
+    optimizer_options: dict[str, Any] | None = None,
+    schedule: str = "constant",
+    warmup: float = 0.0,
     hidlr: dict[str, Any] | None = None,
     probe: ProbeSource = "heldout",
     on_epoch: Callable[[EpochLog], None] | None = None,
@@ -94,6 +101,10 @@ def train(
 
     Args:
         lr: the starting learning rate of every group, or one per group (in the grouping's order).
+        optimizer: a name from :data:`~hidlr_hpo.baselines.OPTIMIZERS` ("adamw", "adamw-sage", "prodigy", ...)
+            or a factory ``fn(param_groups, lr=...)``; ``optimizer_options`` are its other keyword arguments.
+        schedule: "constant", "linear" or "cosine" (multiplies the rates; not with ``hidlr``), after a linear
+            warm-up over the fraction ``warmup`` of the steps.
         hidlr: keyword arguments of :class:`HiDLR` to tune the rates online; None trains at fixed ``lr``.
             ``horizon=True`` is replaced by the planned number of steps, ``horizon=False`` by None.
         probe: the probe batch: ``"train"`` (the batch just trained on) or ``"heldout"`` (a random
@@ -113,15 +124,36 @@ def train(
         for group, group_lr in zip(groups, lr, strict=True):
             group["lr"] = float(group_lr)
         lr = float(lr[0])
-    opt = optimizer(groups, lr=lr)
+    options = dict(optimizer_options or {})
+    steps_per_epoch = -(-len(task.train) // batch_size)
+    total_steps = epochs * steps_per_epoch
+    if optimizer == "schedulefree-adamw":  # no schedule by design; its warm-up is its own
+        if schedule != "constant":
+            raise ValueError(f"Schedule-Free AdamW takes no schedule (got {schedule!r}); use schedule='constant'")
+        options.setdefault("warmup_steps", int(warmup * total_steps))
+        warmup = 0.0
+    opt = (
+        make_optimizer(optimizer, groups, lr, **options)
+        if isinstance(optimizer, str)
+        else optimizer(groups, lr=lr, **options)
+    )
     gen = torch.Generator().manual_seed(seed)
     probe_gen = torch.Generator().manual_seed(seed + 1_000_003)
-    steps_per_epoch = -(-len(task.train) // batch_size)
+    if not 0.0 <= warmup < 1.0:
+        raise ValueError(f"warmup is a fraction of the steps in [0, 1), got {warmup}")
+    if hidlr is not None and (schedule != "constant" or warmup > 0):
+        raise ValueError(
+            f"Hi-DLR sets the learning rates itself; use schedule='constant' and warmup=0 with it, not {schedule!r}"
+        )
+    set_eval_mode(opt, False)  # Schedule-Free starts in train mode
+    scheduler = None  # constant: no scheduler at all, so nothing overrides Hi-DLR's rates
+    if schedule != "constant" or warmup > 0:
+        scheduler = make_schedule(opt, schedule, total_steps, int(warmup * total_steps))
     controller = None
     if hidlr is not None:
         kwargs = dict(hidlr)
         if isinstance(kwargs.get("horizon"), bool):  # True: the planned steps; False: off
-            kwargs["horizon"] = epochs * steps_per_epoch if kwargs["horizon"] else None
+            kwargs["horizon"] = total_steps if kwargs["horizon"] else None
         controller = HiDLR(opt, model, task.loss_fn, **kwargs)
 
     result = TrainResult(hidlr=controller)
@@ -146,9 +178,13 @@ def train(
                 controller.step(probe_batch)
                 if probe_batch is not None:
                     probe_examples += (controller.probe_forwards - forwards_before) * len(probe_batch[1])
+            if scheduler is not None:
+                scheduler.step()
             opt.zero_grad(set_to_none=True)
             result.steps += 1
+        set_eval_mode(opt, True)  # Schedule-Free evaluates at its averaged point
         val_loss, val_acc = evaluate(model, task, task.val)
+        set_eval_mode(opt, False)
         best = min(best, val_loss)
         log = EpochLog(
             epoch,
@@ -157,6 +193,7 @@ def train(
             val_acc,
             [float(g["lr"]) for g in opt.param_groups],
             3.0 * examples_trained + probe_examples,
+            [_effective_lr(g) for g in opt.param_groups],
         )
         result.epochs.append(log)
         if on_epoch is not None:
@@ -164,11 +201,18 @@ def train(
 
     result.final_val_loss, result.final_val_acc = result.epochs[-1].val_loss, result.epochs[-1].val_acc
     result.best_val_loss = best
+    set_eval_mode(opt, True)
     result.test_loss, result.test_acc = evaluate(model, task, task.test)
     result.compute = 3.0 * examples_trained + probe_examples
     result.probe_compute = float(probe_examples)
     result.wall_seconds = time.perf_counter() - start
     return result
+
+
+def _effective_lr(group: dict[str, Any]) -> float:
+    """The rate a group actually steps with: lr times SAGE's mean sensitivity multiplier, or times the
+    distance estimate d of Prodigy and D-Adaptation (their lr is a multiplier of d)."""
+    return float(group["lr"]) * float(group.get("mean_scale", 1.0)) * float(group.get("d", 1.0))
 
 
 def _random_batch(split: Split, batch_size: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -150,3 +150,70 @@ def test_cli_run_and_report(small):
     bad.write_text(path.read_text().replace("n_trials = 2", "n_trials = 0"))
     result = runner.invoke(app, ["run", str(bad)])
     assert result.exit_code == 2 and "methods.2.tpe.n_trials" in result.output
+
+
+BASELINES = """
+[[methods]]
+name = "gen-preset"
+kind = "hidlr"
+preset = "gen"
+
+[[methods]]
+name = "sage"
+kind = "grid"
+optimizer = "adamw-sage"
+optimizer_options = { plain_groups = ["4"], beta3 = 0.8 }
+lrs = [1e-3, 1e-2]
+
+[[methods]]
+name = "cosine"
+kind = "fixed"
+schedule = "cosine"
+warmup = 0.1
+
+[[methods]]
+name = "schedulefree"
+kind = "fixed"
+optimizer = "schedulefree-adamw"
+lr = 0.0025
+warmup = 0.1
+"""
+
+
+def test_baselines_run_by_name_in_a_study(small):
+    path, _ = small
+    path.write_text(path.read_text() + BASELINES)
+    cfg = load_study_config(path)
+    assert next(m for m in cfg.methods if m.name == "gen-preset").grouping == "single"
+    run_study(cfg, show_progress=False)
+    _, (gen,) = trials(cfg, "gen-preset")
+    steps = -(-1078 // 128)
+    assert gen.user_attrs["refits"]["step"] == list(range(0, steps, 4))  # GeN's interval 4, one group
+    assert len(gen.user_attrs["refits"]["group_names"]) == 1
+    _, sage = trials(cfg, "sage")
+    assert len(sage) == 2
+    effective = sage[0].user_attrs["curve"]["effective_lrs"][-1]
+    assert effective[-1] == sage[0].params["lr"]  # the plain head steps at its lr
+    assert all(0 < e != sage[0].params["lr"] for e in effective[:-1])  # sensitivity-scaled groups do not
+    _, (cosine,) = trials(cfg, "cosine")
+    assert cosine.params == {} and cosine.user_attrs["curve"]["lrs"][-1] == [0.0, 0.0, 0.0]  # decayed to 0
+    _, (sf,) = trials(cfg, "schedulefree")
+    assert sf.value < 2.0  # trained: ln(10) = 2.30 is chance
+    report = write_report(cfg).read_text()
+    assert "AdamW-SAGE" in report and "cosine decay" in report and "sage_vs_hidlr.png" in report
+    assert cfg.results_dir and (Path(cfg.results_dir) / "sage_vs_hidlr.png").is_file()
+
+
+def test_baseline_fields_are_validated(small):
+    path, _ = small
+    for text, match in [
+        (
+            '[[methods]]\nname = "x"\nkind = "fixed"\noptimizer = "adamm"\n',
+            r"methods.3.fixed.optimizer: .*unknown optimizer 'adamm'",
+        ),
+        ('[[methods]]\nname = "x"\nkind = "grid"\nlrs = [1e-3, 1e-2]\nschedule = "step"\n', r"methods.3.grid.schedule"),
+        ('[[methods]]\nname = "x"\nkind = "hidlr"\npreset = "gen"\ngrouping = "layer"\n', r"preset 'gen' tunes one"),
+    ]:
+        path.write_text(SMALL.format(db="x.db", out="o") + text)
+        with pytest.raises(ValueError, match=match):
+            load_study_config(path)
