@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -23,6 +24,10 @@ from torch import nn
 from .base import Split, Task
 
 __all__ = ["sentiment_task"]
+
+# peft calls a transformers API that transformers deprecates, once per forward: neither is ours to fix, and
+# the warning would flood a study's progress display.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def _lexicon() -> tuple[list[str], torch.Tensor]:
