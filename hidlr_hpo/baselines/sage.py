@@ -89,19 +89,34 @@ class _SAGEBase(torch.optim.Optimizer):
         ipt_hat = state["exp_avg_ipt"] / (1.0 - beta3 ** state["step"]) if bias_correct else state["exp_avg_ipt"]
         return (ipt - ipt_hat).abs() / (ipt_hat + eps_s)  # U_t / (I_hat_t + eps_s)
 
-    @staticmethod
-    def _record_mean_scale(group: dict[str, Any], scale_sum: torch.Tensor, count: int) -> None:
-        """Keep the group's mean multiplier U/(I_hat + eps_s) of the last step: lr * it is the group's mean
-        effective rate, which the study reports beside Hi-DLR's group rates (one host sync per group)."""
-        group["mean_scale"] = float(scale_sum) / count if count else 1.0
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            scale_sum, count = torch.zeros(()), 0
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                state = self.state[p]
+                state["step"] = state.get("step", 0) + 1
+                scale = self._update(p, p.grad, state, group)
+                if scale is not None:
+                    scale_sum, count = scale_sum + scale.sum(), count + scale.numel()
+            # lr * the mean multiplier is the group's mean effective rate, which the studies report beside
+            # Hi-DLR's group rates (one host sync per group and step).
+            group["mean_scale"] = float(scale_sum) / count if count else 1.0
+        return loss
 
-    def _params_with_grad(self, group: dict[str, Any]) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-            yield p, p.grad
+    def _update(
+        self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]
+    ) -> torch.Tensor | None:
+        """Update one parameter in place; return its sensitivity multiplier (None when the group is plain)."""
+        raise NotImplementedError
 
 
 class AdamWSAGE(_SAGEBase):
@@ -142,38 +157,28 @@ class AdamWSAGE(_SAGEBase):
     ) -> None:
         super().__init__(params, lr, betas, beta3, eps, weight_decay, sensitivity_eps)
 
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            scale_sum, count = torch.zeros(()), 0
-            for p, grad in self._params_with_grad(group):
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                state["step"] += 1
-                t = state["step"]
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)  # m_t
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)  # v_t
-                denom = exp_avg_sq.sqrt().add_(group["eps"])  # sqrt(v_t) + eps
-                step_size = group["lr"] * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)  # bias corrections
-                if group["sensitivity"]:
-                    scale = self._sensitivity_scale(p, grad, state, group, bias_correct=True)
-                    scale_sum, count = scale_sum + scale.sum(), count + scale.numel()
-                    p.sub_(exp_avg / denom * scale * step_size)
-                else:
-                    p.addcdiv_(exp_avg, denom, value=-step_size)
-                if group["weight_decay"] > 0.0:
-                    p.mul_(1.0 - group["lr"] * group["weight_decay"])  # decoupled, after the step
-            self._record_mean_scale(group, scale_sum, count)
-        return loss
+    def _update(
+        self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]
+    ) -> torch.Tensor | None:
+        beta1, beta2 = group["betas"]
+        t = state["step"]
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)  # m_t
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)  # v_t
+        denom = exp_avg_sq.sqrt().add_(group["eps"])  # sqrt(v_t) + eps
+        step_size = group["lr"] * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)  # bias corrections
+        scale = None
+        if group["sensitivity"]:
+            scale = self._sensitivity_scale(p, grad, state, group, bias_correct=True)
+            p.sub_(exp_avg / denom * scale * step_size)
+        else:
+            p.addcdiv_(exp_avg, denom, value=-step_size)
+        if group["weight_decay"] > 0.0:
+            p.mul_(1.0 - group["lr"] * group["weight_decay"])  # decoupled, after the step
+        return scale
 
 
 class AdamaxSAGE(_SAGEBase):
@@ -211,33 +216,23 @@ class AdamaxSAGE(_SAGEBase):
     ) -> None:
         super().__init__(params, lr, betas, beta3, eps, weight_decay, sensitivity_eps)
 
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            eps = group["eps"]
-            scale_sum, count = torch.zeros(()), 0
-            for p, grad in self._params_with_grad(group):
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_inf"] = torch.zeros_like(p)
-                state["step"] += 1
-                exp_avg, exp_inf = state["exp_avg"], state["exp_inf"]
-                exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)  # m_t
-                torch.maximum(exp_inf.mul_(beta2), grad.abs().add_(eps), out=exp_inf)  # u_t = max(b2 u, |g| + eps)
-                update = exp_avg / (exp_inf + eps)
-                if group["weight_decay"] > 0.0:
-                    update.add_(p, alpha=group["weight_decay"])
-                if group["sensitivity"]:
-                    scale = self._sensitivity_scale(p, grad, state, group, bias_correct=False)
-                    scale_sum, count = scale_sum + scale.sum(), count + scale.numel()
-                    update.mul_(scale)
-                p.sub_(update, alpha=group["lr"])
-            self._record_mean_scale(group, scale_sum, count)
-        return loss
+    def _update(
+        self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]
+    ) -> torch.Tensor | None:
+        beta1, beta2 = group["betas"]
+        eps = group["eps"]
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_inf"] = torch.zeros_like(p)
+        exp_avg, exp_inf = state["exp_avg"], state["exp_inf"]
+        exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)  # m_t
+        torch.maximum(exp_inf.mul_(beta2), grad.abs().add_(eps), out=exp_inf)  # u_t = max(b2 u, |g| + eps)
+        update = exp_avg / (exp_inf + eps)
+        if group["weight_decay"] > 0.0:
+            update.add_(p, alpha=group["weight_decay"])
+        scale = None
+        if group["sensitivity"]:
+            scale = self._sensitivity_scale(p, grad, state, group, bias_correct=False)
+            update.mul_(scale)
+        p.sub_(update, alpha=group["lr"])
+        return scale
