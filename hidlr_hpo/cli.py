@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Annotated
 
@@ -16,6 +18,7 @@ from .groups import group_names, group_parameters
 from .report import write_report
 from .study import run_study
 from .tasks import get_task
+from .tracking import Tracker, ui_command
 from .training import EpochLog, train
 
 app = typer.Typer(
@@ -105,6 +108,11 @@ StudyFile = Annotated[Path, typer.Argument(help="a study file, e.g. studies/digi
 StorageOption = Annotated[
     str | None, typer.Option(help="Optuna storage URL (default: the study file's, an SQLite file)")
 ]
+TrackingUriOption = Annotated[
+    str | None,
+    typer.Option(help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)"),
+]
+TrackingOption = Annotated[bool, typer.Option(help="log to MLflow (parent run per study, child run per trial)")]
 
 
 def _load(path: Path, quick: bool):
@@ -121,14 +129,18 @@ def run(
     study_file: StudyFile,
     storage: StorageOption = None,
     quick: Annotated[bool, typer.Option(help="2 epochs, one seed: a smoke run")] = False,
+    tracking_uri: TrackingUriOption = None,
+    tracking: TrackingOption = True,
 ) -> None:
     """Run a comparison study (a rerun resumes; finished trials are not repeated)."""
     cfg = _load(study_file, quick)
-    run_study(cfg, storage=storage)
+    tracker = run_study(cfg, storage=storage, tracking_uri=tracking_uri, tracking=tracking)
     console.print(
         f"study [bold]{cfg.name}[/bold] done in {storage or cfg.storage}; "
         f"next: hidlr report {study_file}{' --quick' if quick else ''}"
     )
+    if tracker.active:
+        console.print(f"MLflow: experiment [bold]{cfg.name}[/bold] in {tracker.uri}; browse it with: hidlr ui")
 
 
 @app.command()
@@ -137,6 +149,8 @@ def report(
     storage: StorageOption = None,
     out: Annotated[Path | None, typer.Option(help="output folder (default: the study's results_dir)")] = None,
     quick: Annotated[bool, typer.Option(help="report the --quick run")] = False,
+    tracking_uri: TrackingUriOption = None,
+    tracking: Annotated[bool, typer.Option(help="attach the report to the study's MLflow parent run")] = True,
 ) -> None:
     """Write the comparison table (markdown) and plots (PNG) of a study."""
     cfg = _load(study_file, quick)
@@ -147,6 +161,27 @@ def report(
         raise typer.Exit(1) from None
     console.print(Markdown(path.read_text().split("![")[0]))
     console.print(f"report: {path}")
+    if tracking:
+        tracker = Tracker(tracking_uri)
+        tracker.start_study(cfg.name, cfg.model_dump())
+        tracker.log_report(path.parent)
+        if tracker.active:
+            console.print(f"attached to the MLflow parent run of experiment {cfg.name} in {tracker.uri}")
+
+
+@app.command()
+def ui(
+    tracking_uri: TrackingUriOption = None,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="port on 127.0.0.1")] = 5000,
+) -> None:
+    """Serve the MLflow UI for the tracking store on 127.0.0.1 (mlflow server, one worker)."""
+    try:
+        command = ui_command(tracking_uri, port)
+    except ValueError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    console.print(f"MLflow UI for {command[3]} on http://127.0.0.1:{port} (Ctrl-C stops it)")
+    raise typer.Exit(subprocess.call([shutil.which(command[0]) or command[0], *command[1:]]))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -36,7 +36,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-__all__ = ["MethodConfig", "StudyConfig", "load_study_config"]
+__all__ = ["MethodConfig", "StudyConfig", "describe_method", "load_study_config"]
 
 
 class _Strict(BaseModel):
@@ -213,3 +213,36 @@ def load_study_config(path: str | Path) -> StudyConfig:
             where = ".".join(str(p) for p in err["loc"])
             lines.append(f"  {where}: {err['msg']}")
         raise ValueError("\n".join(lines)) from None
+
+
+_OPTIMIZER_LABELS = {
+    "adamw": "AdamW",
+    "adam": "Adam",
+    "adamax": "Adamax",
+    "sgd": "SGD",
+    "adamw-sage": "AdamW-SAGE",
+    "adamax-sage": "Adamax-SAGE",
+    "prodigy": "Prodigy",
+    "dadapt-adam": "D-Adapt Adam",
+    "schedulefree-adamw": "Schedule-Free AdamW",
+}
+
+
+def describe_method(method: MethodConfig) -> str:
+    """A short description of a method's configuration for the table."""
+    opt = _OPTIMIZER_LABELS.get(method.optimizer, method.optimizer)
+    if isinstance(method, HiDLRMethod):
+        if method.preset == "gen":
+            return f"GeN preset (interval 4, R^2 >= 0.99) on {opt}, from lr={method.lr:g}, probe {method.probe}"
+        groups = "one group (GeN)" if method.grouping == "single" else "task groups"
+        return f"Hi-DLR {method.mode} on {opt}, {groups}, from lr={method.lr:g}, probe {method.probe}"
+    schedule = "" if method.schedule == "constant" else f", {method.schedule} decay"
+    if method.warmup:
+        schedule += f", warm-up {method.warmup:.0%}"
+    if isinstance(method, FixedMethod):
+        return f"{opt}, fixed lr={method.lr:g}{schedule}"
+    if isinstance(method, GridMethod):
+        return f"{opt}, uniform lr grid, {len(method.lrs)} values {min(method.lrs):g}..{max(method.lrs):g}{schedule}"
+    if isinstance(method, GroupGridMethod):
+        return f"{opt}, per-group lr grid, {len(method.lrs)} values per group{schedule}"
+    return f"{opt}, TPE over uniform lr in [{method.low:g}, {method.high:g}]{schedule}"

@@ -59,6 +59,10 @@ class RefitRecord:
     fired: dict[str, list[int]] = field(default_factory=dict)
     used_mode: str = "diag"
     probe_seconds: float = 0.0
+    # Model-predicted and measured loss decrease of the step taken, on the probe batch (NaN unless
+    # HiDLR(measure_realised=True); the predicted one is NaN when the fit was rejected).
+    predicted_decrease: float = math.nan
+    realised_decrease: float = math.nan
 
     @property
     def rejected(self) -> bool:
@@ -111,6 +115,9 @@ class HiDLR:
             factory ``fn(search_space) -> optuna sampler`` (Grid, TPE, GP, CMA-ES, Random) given the same probe
             budget, whose best probed point becomes the proposal.
         eval_mode: run probes with ``model.eval()``.
+        measure_realised: after each refit, evaluate the loss at the step actually taken (one or two more
+            forwards on the probe batch) and record the realised beside the predicted decrease. A diagnostic:
+            it changes nothing in training and is counted in ``diagnostic_forwards``, not ``probe_forwards``.
         seed: seeds the random designs.
     """
 
@@ -135,6 +142,7 @@ class HiDLR:
         horizon: int | None = None,
         inner: InnerSolver = None,
         eval_mode: bool = True,
+        measure_realised: bool = False,
         seed: int = 0,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -165,6 +173,7 @@ class HiDLR:
         self.model = model
         self.interval = interval
         self.horizon = horizon
+        self.measure_realised = measure_realised
         self.guards = Safeguards(
             min_r2=min_r2,
             trust_ratio=trust_ratio,
@@ -191,6 +200,7 @@ class HiDLR:
         self.n_rejected = 0  # refits whose fit was rejected (non-finite or low R^2)
         self.n_nonfinite = 0  # refits with a NaN or infinite probe loss
         self.probe_forwards = 0  # forward passes spent on probes
+        self.diagnostic_forwards = 0  # forward passes spent measuring realised decreases
 
     # ------------------------------------------------------------------------------------------------
     @property
@@ -268,6 +278,12 @@ class HiDLR:
             self.base_lrs = result.lrs
             self._set_lrs(new_applied)
 
+        predicted, realised = math.nan, math.nan
+        if self.measure_realised:
+            taken = torch.tensor(self.lrs(), dtype=torch.float64)
+            if not result.rejected:
+                predicted = fit.L0 - float(fit.predict(taken.unsqueeze(0))[0])  # L0 - L(eta taken)
+            realised = self._realised_decrease(batch, start, refit.points, losses)
         self.history.append(
             RefitRecord(
                 step=self.step_count,
@@ -284,8 +300,22 @@ class HiDLR:
                 fired=result.fired,
                 used_mode=result.used_mode,
                 probe_seconds=probe_seconds,
+                predicted_decrease=predicted,
+                realised_decrease=realised,
             )
         )
+
+    def _realised_decrease(
+        self, batch: Any, start: list[list[torch.Tensor]], design: torch.Tensor, losses: torch.Tensor
+    ) -> float:
+        """L(w(t)) - L(w(t+1)) on the probe batch, w(t+1) being the parameters now (after any rescale)."""
+        k = self.num_groups
+        centre = (design == 0).all(dim=1).nonzero()
+        coeffs = torch.ones(1, k) if len(centre) else torch.cat([torch.zeros(1, k), torch.ones(1, k)])
+        values = self.prober.losses(batch, start, coeffs)
+        self.diagnostic_forwards += coeffs.shape[0]
+        before = float(losses[int(centre[0])]) if len(centre) else float(values[0])
+        return before - float(values[-1])
 
     @torch.no_grad()
     def _rescale_last_step(self, start: list[list[torch.Tensor]], ratio: torch.Tensor) -> None:
@@ -306,6 +336,7 @@ class HiDLR:
             "n_rejected": self.n_rejected,
             "n_nonfinite": self.n_nonfinite,
             "probe_forwards": self.probe_forwards,
+            "diagnostic_forwards": self.diagnostic_forwards,
             "generator": self._generator.get_state(),
             "config": {"interval": self.interval, "mode": self.mode, "horizon": self.horizon},
         }
@@ -319,6 +350,7 @@ class HiDLR:
         self.n_rejected = int(state["n_rejected"])
         self.n_nonfinite = int(state["n_nonfinite"])
         self.probe_forwards = int(state["probe_forwards"])
+        self.diagnostic_forwards = int(state.get("diagnostic_forwards", 0))
         self._generator.set_state(state["generator"])
 
     def __repr__(self) -> str:

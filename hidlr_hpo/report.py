@@ -19,14 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import optuna  # noqa: E402
 from optuna.trial import FrozenTrial, TrialState  # noqa: E402
 
-from .config import (  # noqa: E402
-    FixedMethod,
-    GridMethod,
-    GroupGridMethod,
-    HiDLRMethod,
-    MethodConfig,
-    StudyConfig,
-)
+from .config import MethodConfig, StudyConfig, describe_method  # noqa: E402
 from .study import optuna_study_name  # noqa: E402
 
 __all__ = ["MethodSummary", "collect", "write_report"]
@@ -45,39 +38,6 @@ class MethodSummary:
     def metric(self, key: str) -> list[float]:
         values = [t.value if key == "final_val_loss" else t.user_attrs.get(key) for t in self.selected]
         return [math.nan if v is None else float(v) for v in values]  # None: not finite, or not applicable
-
-
-_OPTIMIZER_LABELS = {
-    "adamw": "AdamW",
-    "adam": "Adam",
-    "adamax": "Adamax",
-    "sgd": "SGD",
-    "adamw-sage": "AdamW-SAGE",
-    "adamax-sage": "Adamax-SAGE",
-    "prodigy": "Prodigy",
-    "dadapt-adam": "D-Adapt Adam",
-    "schedulefree-adamw": "Schedule-Free AdamW",
-}
-
-
-def describe(method: MethodConfig) -> str:
-    """A short description of a method's configuration for the table."""
-    opt = _OPTIMIZER_LABELS.get(method.optimizer, method.optimizer)
-    if isinstance(method, HiDLRMethod):
-        if method.preset == "gen":
-            return f"GeN preset (interval 4, R^2 >= 0.99) on {opt}, from lr={method.lr:g}, probe {method.probe}"
-        groups = "one group (GeN)" if method.grouping == "single" else "task groups"
-        return f"Hi-DLR {method.mode} on {opt}, {groups}, from lr={method.lr:g}, probe {method.probe}"
-    schedule = "" if method.schedule == "constant" else f", {method.schedule} decay"
-    if method.warmup:
-        schedule += f", warm-up {method.warmup:.0%}"
-    if isinstance(method, FixedMethod):
-        return f"{opt}, fixed lr={method.lr:g}{schedule}"
-    if isinstance(method, GridMethod):
-        return f"{opt}, uniform lr grid, {len(method.lrs)} values {min(method.lrs):g}..{max(method.lrs):g}{schedule}"
-    if isinstance(method, GroupGridMethod):
-        return f"{opt}, per-group lr grid, {len(method.lrs)} values per group{schedule}"
-    return f"{opt}, TPE over uniform lr in [{method.low:g}, {method.high:g}]{schedule}"
 
 
 def reference_grid(cfg: StudyConfig, summaries: list[MethodSummary]) -> MethodSummary | None:
@@ -159,7 +119,7 @@ def write_report(cfg: StudyConfig, out_dir: str | Path | None = None, storage: s
         ratio = f"{compute / grid_compute:.2f}" if grid_compute else "-"
         cells = [
             s.name,
-            describe(_config(cfg, s.name)),
+            describe_method(_config(cfg, s.name)),
             f"{statistics.mean(s.trials_per_seed):.0f}",
             _mean_std(s.metric("final_val_loss")),
             _mean_std(s.metric("best_val_loss")),

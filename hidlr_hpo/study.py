@@ -28,8 +28,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .baselines.gen import GEN_DEFAULTS
 from .config import FixedMethod, GridMethod, GroupGridMethod, HiDLRMethod, MethodConfig, StudyConfig, TPEMethod
+from .config import describe_method as describe
 from .groups import group_parameters
+from .plots import plt, trial_figures
 from .tasks import Task, get_task
+from .tracking import Tracker
 from .training import TrainResult, train
 
 __all__ = ["optuna_study_name", "run_study"]
@@ -48,10 +51,21 @@ class _Plan:
     enqueue: list[dict[str, float]]  # grid points without a finished trial
 
 
-def run_study(cfg: StudyConfig, storage: str | None = None, show_progress: bool = True) -> None:
-    """Run every missing trial of the study (a rerun resumes)."""
+def run_study(
+    cfg: StudyConfig,
+    storage: str | None = None,
+    show_progress: bool = True,
+    tracking_uri: str | None = None,
+    tracking: bool = True,
+) -> Tracker:
+    """Run every missing trial of the study (a rerun resumes), logging to MLflow unless ``tracking=False``.
+
+    Returns the tracker (its ``failed`` says whether tracking was switched off by an error).
+    """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = storage or cfg.storage
+    tracker = Tracker(tracking_uri, enabled=tracking)
+    tracker.start_study(cfg.name, cfg.model_dump())
     task = get_task(cfg.task.name, **cfg.task.options)
     n_groups = len(group_parameters(task.make_model(0), task.grouping))
     plans = [_plan(cfg, method, seed, storage, n_groups) for method in cfg.methods for seed in cfg.seeds]
@@ -65,10 +79,11 @@ def run_study(cfg: StudyConfig, storage: str | None = None, show_progress: bool 
             progress.update(bar, description=f"{cfg.name}: {plan.method.name} seed {plan.seed}")
             for params in plan.enqueue:
                 plan.study.enqueue_trial(params)
-            objective = _objective(cfg, task, plan.method, plan.seed, n_groups)
+            objective = _objective(cfg, task, plan.method, plan.seed, n_groups, tracker)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", category=UserWarning)
                 plan.study.optimize(objective, n_trials=plan.missing, callbacks=[lambda s, t: progress.advance(bar)])
+    return tracker
 
 
 def _plan(cfg: StudyConfig, method: MethodConfig, seed: int, storage: str, n_groups: int) -> _Plan:
@@ -127,7 +142,9 @@ def _sampler(method: MethodConfig, seed: int, n_groups: int) -> optuna.samplers.
     return optuna.samplers.RandomSampler(seed=seed)  # no parameters to sample
 
 
-def _objective(cfg: StudyConfig, task: Task, method: MethodConfig, seed: int, n_groups: int) -> Callable:
+def _objective(
+    cfg: StudyConfig, task: Task, method: MethodConfig, seed: int, n_groups: int, tracker: Tracker
+) -> Callable:
     budget = cfg.budget
 
     def objective(trial: optuna.Trial) -> float:
@@ -152,8 +169,33 @@ def _objective(cfg: StudyConfig, task: Task, method: MethodConfig, seed: int, n_
                 schedule=method.schedule,
                 warmup=method.warmup,
             )
-        result = train(task, **kwargs)
+        run = tracker.start_trial(
+            method=method.name,
+            description=describe(method),
+            seed=seed,
+            config={**method.model_dump(), "params": trial.params, "budget": budget.model_dump()},
+            study=trial.study.study_name,
+            trial=trial.number,
+        )
+        if run.active and "hidlr" in kwargs:
+            kwargs["hidlr"] = {**kwargs["hidlr"], "measure_realised": True}  # diagnostic only: same trajectory
+        try:
+            result = train(
+                task,
+                on_epoch=run.epoch,
+                on_refit=run.refit,
+                **kwargs,
+            )
+        except BaseException:
+            run.finish({}, failed=True)
+            raise
         _record(trial, result)
+        if run.active:
+            figures = trial_figures(result)
+            run.finish(result.summary(), figures)
+            for _, figure in figures:
+                plt.close(figure)
+            trial.set_user_attr("tracking_seconds", run.log_seconds)
         value = result.final_val_loss
         return value if math.isfinite(value) else math.inf  # a diverged run is a bad result, not a failure
 

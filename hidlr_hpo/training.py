@@ -17,8 +17,8 @@ from torch import nn
 
 from .baselines.optimizers import make_optimizer, set_eval_mode
 from .baselines.schedules import make_schedule
-from .controller import HiDLR
-from .groups import group_parameters
+from .controller import HiDLR, RefitRecord
+from .groups import group_names, group_parameters
 from .tasks.base import Split, Task
 
 __all__ = ["EpochLog", "TrainResult", "evaluate", "train"]
@@ -36,6 +36,8 @@ class EpochLog:
     compute: float
     # the rates groups actually stepped with at the epoch's end (see _effective_lr); equal to lrs for most
     effective_lrs: list[float] = field(default_factory=list)
+    step: int = 0  # optimizer steps done by the epoch's end
+    groups: list[str] = field(default_factory=list)  # group names, in the order of lrs
 
 
 @dataclass
@@ -94,6 +96,7 @@ def train(
     hidlr: dict[str, Any] | None = None,
     probe: ProbeSource = "heldout",
     on_epoch: Callable[[EpochLog], None] | None = None,
+    on_refit: Callable[[RefitRecord, float, list[str]], None] | None = None,
     device: str | torch.device = "cpu",
     grouping: str | None = None,
 ) -> TrainResult:
@@ -109,7 +112,8 @@ def train(
             ``horizon=True`` is replaced by the planned number of steps, ``horizon=False`` by None.
         probe: the probe batch: ``"train"`` (the batch just trained on) or ``"heldout"`` (a random
             validation batch of the same size, so the fitted objective is a validation loss).
-        on_epoch: called after every epoch with its log (progress display).
+        on_epoch: called after every epoch with its log (progress display, tracking).
+        on_refit: called after every Hi-DLR refit with its record, the compute spent so far and the group names.
         device: where the model, the data and the probes live ("cpu", "cuda"); the same code path.
         grouping: overrides the task's grouping strategy (``"single"``: one group, GeN).
     """
@@ -118,6 +122,7 @@ def train(
     model = task.make_model(seed).to(device)
     model.train()
     groups = group_parameters(model, grouping or task.grouping)
+    names = group_names(groups)
     if isinstance(lr, Sequence):
         if len(lr) != len(groups):
             raise ValueError(f"got {len(lr)} learning rates for {len(groups)} parameter groups")
@@ -178,6 +183,8 @@ def train(
                 controller.step(probe_batch)
                 if probe_batch is not None:
                     probe_examples += (controller.probe_forwards - forwards_before) * len(probe_batch[1])
+                    if on_refit is not None and controller.history and controller.history[-1].step == result.steps:
+                        on_refit(controller.history[-1], 3.0 * examples_trained + probe_examples, names)
             if scheduler is not None:
                 scheduler.step()
             opt.zero_grad(set_to_none=True)
@@ -194,6 +201,8 @@ def train(
             [float(g["lr"]) for g in opt.param_groups],
             3.0 * examples_trained + probe_examples,
             [_effective_lr(g) for g in opt.param_groups],
+            result.steps,
+            names,
         )
         result.epochs.append(log)
         if on_epoch is not None:

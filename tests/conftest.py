@@ -12,3 +12,9 @@ def _float64_and_seed():
     torch.manual_seed(0)
     yield
     torch.set_default_dtype(old)
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_store_in_tmp(tmp_path, monkeypatch):
+    """Studies track to MLflow by default: keep each test's store in its own folder, never the repository's."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -308,3 +308,30 @@ def test_inner_must_be_none_hidlr_or_a_factory():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="inner must be None"):
         HiDLR(opt, model, mse, inner="tpe")
+
+
+def test_measure_realised_changes_nothing_and_matches_the_model_on_a_quadratic():
+    """On an exactly quadratic loss the realised decrease equals the predicted one; training is bit-identical."""
+    x, y = torch.randn(64, 4), torch.randn(64, 2)
+
+    def loss_fn(m, batch):
+        return 0.5 * (m(batch[0]) - batch[1]).pow(2).mean()
+
+    runs = []
+    for measure in (False, True):
+        torch.manual_seed(1)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 2))
+        opt = torch.optim.SGD(group_parameters(model, "type"), lr=0.05)
+        hidlr = HiDLR(opt, model, loss_fn, interval=3, mode="full", measure_realised=measure)  # exact model
+        for _ in range(9):
+            loss_fn(model, (x, y)).backward()
+            hidlr.step((x, y))
+            opt.zero_grad()
+        runs.append((model, hidlr))
+    (plain_model, plain), (measured_model, measured) = runs
+    for a, b in zip(plain_model.parameters(), measured_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert plain.probe_forwards == measured.probe_forwards and measured.diagnostic_forwards == 3
+    assert all(math.isnan(r.realised_decrease) for r in plain.history)
+    for r in measured.history:
+        assert r.realised_decrease == pytest.approx(r.predicted_decrease, rel=1e-9, abs=1e-12)
