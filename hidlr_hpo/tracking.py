@@ -12,7 +12,8 @@ Logged with MLflow's own client (Optuna's ``MLflowCallback`` is deprecated and m
   ``val_acc`` and the rate each group stepped with; at the end the test metrics, the config, the full A
   (mode full) and the trial's plots.
 
-Metrics go in one ``log_batch`` call per epoch (the refits of that epoch included), not one call per value.
+Metrics are queued and sent with ``log_batch`` at an epoch's end every few seconds (``flush_seconds``) and at
+the end of the trial, never one call per value: ``benchmarks/tracking_cost.py`` measures what it costs.
 Tracking never stops training: the first failure (server down, disk full, bad URI) warns once, switches
 tracking off for the rest of the run, and the Optuna study stays complete.
 
@@ -164,11 +165,15 @@ class Tracker:
 
 
 class TrialRun:
-    """One trial's child run; buffers refit metrics and sends them with the epoch's in one ``log_batch``."""
+    """One trial's child run. Metrics are queued and sent in one ``log_batch`` at an epoch's end once
+    ``flush_seconds`` have passed since the last send (and at the end), so a fast run pays a few calls, not
+    one per epoch, and a slow run still shows its curves live."""
 
-    def __init__(self, tracker: Tracker, run_id: str | None) -> None:
+    def __init__(self, tracker: Tracker, run_id: str | None, flush_seconds: float = 5.0) -> None:
         self.tracker = tracker
         self.run_id = run_id
+        self.flush_seconds = flush_seconds
+        self._last_flush = time.monotonic()
         self._pending: list[Any] = []
         self._full_a: list[dict[str, Any]] = []  # mode full: every refit's A, logged as one artifact
         self.log_seconds = 0.0  # time spent in MLflow calls (the cost of tracking)
@@ -215,12 +220,14 @@ class TrialRun:
         self._metric("epoch", float(log.epoch), step)
         for name, rate in zip(log.groups, log.effective_lrs or log.lrs, strict=False):
             self._metric(f"epoch_lr/{name}", rate, step)
-        self.flush()
+        if time.monotonic() - self._last_flush >= self.flush_seconds:
+            self.flush()
 
     def flush(self) -> None:
         if not self.active or not self._pending:
             return
         pending, self._pending = self._pending, []
+        self._last_flush = time.monotonic()
         t0 = time.perf_counter()
         for i in range(0, len(pending), _MAX_METRICS_PER_BATCH):
             chunk = pending[i : i + _MAX_METRICS_PER_BATCH]
