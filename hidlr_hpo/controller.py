@@ -115,6 +115,9 @@ class HiDLR:
             factory ``fn(search_space) -> optuna sampler`` (Grid, TPE, GP, CMA-ES, Random) given the same probe
             budget, whose best probed point becomes the proposal.
         eval_mode: run probes with ``model.eval()``.
+        batched_probes: evaluate each design in one ``vmap`` + ``functional_call`` call (see
+            :class:`~hidlr_hpo.probe.Prober`; falls back to the sequential path where vmap cannot run), with
+            at most ``probe_memory_budget`` bytes of probe-point parameter copies at once.
         measure_realised: after each refit, evaluate the loss at the step actually taken (one or two more
             forwards on the probe batch) and record the realised beside the predicted decrease. A diagnostic:
             it changes nothing in training and is counted in ``diagnostic_forwards``, not ``probe_forwards``.
@@ -142,6 +145,8 @@ class HiDLR:
         horizon: int | None = None,
         inner: InnerSolver = None,
         eval_mode: bool = True,
+        batched_probes: bool = False,
+        probe_memory_budget: int = 256 * 2**20,
         measure_realised: bool = False,
         seed: int = 0,
     ) -> None:
@@ -190,7 +195,14 @@ class HiDLR:
         self.design_spec = design if design is not None else ("pairwise" if self.mode == "full" else "axial")
         self.delta = delta
         make_design(self.design_spec, k, self.mode, delta, generator=torch.Generator())  # validate now
-        self.prober = Prober(model, loss_fn, [g["params"] for g in optimizer.param_groups], eval_mode=eval_mode)
+        self.prober = Prober(
+            model,
+            loss_fn,
+            [g["params"] for g in optimizer.param_groups],
+            eval_mode=eval_mode,
+            batched=batched_probes,
+            memory_budget=probe_memory_budget,
+        )
         self._n_params = [sum(p.numel() for p in g["params"]) for g in optimizer.param_groups]
 
         # Mutable state (all of it in state_dict()).

@@ -8,14 +8,25 @@ update by its own factor c_k::
 so c_k = eta_k / eta0_k for a candidate group rate eta_k when the step used eta0_k. ``torch.lerp`` forms
 the point in one fused kernel with no temporary, and returns w(t+1) exactly for c = 1.
 
-The sequential path writes each probe point into the live parameters and restores them afterwards from a
-saved copy (``copy_``, never add-and-subtract), so every parameter is bit-identical after probing, even
-when a loss raises or is NaN. Probes run under ``torch.no_grad()`` and, by default, with the model in
-eval mode (no dropout noise between probes, no batch-norm statistics updated); the mode is restored.
+Two paths give the same losses:
+
+- **batched** (``batched=True``): the whole design in one ``torch.func.vmap`` over the probe points, each
+  point's parameters passed to ``torch.func.functional_call``, so the live parameters are never written
+  and need no restore copy. The points are chunked so that their parameter copies fit ``memory_budget``
+  bytes. Where vmap cannot run the model (data-dependent Python control flow, ``.item()``, in-place updates
+  of captured tensors, some third-party attention code), the first failure warns once, naming the module,
+  and the prober falls back to the sequential path for good.
+- **sequential**: writes each probe point into the live parameters and restores them afterwards from a
+  saved copy (``copy_``, never add-and-subtract).
+
+Either way every parameter is bit-identical after probing, even when a loss raises or is NaN. Probes run
+under ``torch.no_grad()`` and, by default, with the model in eval mode (no dropout noise between probes, no
+batch-norm statistics updated); the mode is restored.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -35,6 +46,8 @@ class Prober:
         loss_fn: ``loss_fn(model, batch) -> scalar tensor``.
         groups: the parameters of each group, in the optimizer's group order.
         eval_mode: run the probes with ``model.eval()`` (restored afterwards).
+        batched: evaluate the design with ``vmap`` + ``functional_call`` (falls back to sequential).
+        memory_budget: bytes the batched path may spend on probe points' parameter copies at once.
     """
 
     def __init__(
@@ -43,11 +56,21 @@ class Prober:
         loss_fn: LossFn,
         groups: Sequence[Sequence[torch.Tensor]],
         eval_mode: bool = True,
+        batched: bool = False,
+        memory_budget: int = 256 * 2**20,
     ) -> None:
+        if memory_budget <= 0:
+            raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget}")
         self.model = model
         self.loss_fn = loss_fn
         self.groups = [list(g) for g in groups]
         self.eval_mode = eval_mode
+        self.batched = batched
+        self.memory_budget = memory_budget
+        self.fallback_reason: str | None = None  # why the batched path gave up, if it did
+        names = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
+        self._names = [[names[id(p)] for p in group] for group in self.groups] if batched else []
+        self._point_bytes = sum(p.numel() * p.element_size() for group in self.groups for p in group)
 
     def snapshot(self) -> list[list[torch.Tensor]]:
         """An exact copy of every parameter, group by group."""
@@ -67,6 +90,17 @@ class Prober:
         """
         if coeffs.ndim != 2 or coeffs.shape[1] != len(self.groups):
             raise ValueError(f"coeffs must have shape (P, {len(self.groups)}), got {tuple(coeffs.shape)}")
+        if self.batched and self.fallback_reason is None:
+            try:
+                return self._losses_batched(batch, start, coeffs)
+            except Exception as exc:  # noqa: BLE001 - any vmap limitation: fall back, once and for all
+                self.fallback_reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                warnings.warn(
+                    f"batched probes cannot run {type(self.model).__name__} under vmap "
+                    f"({self.fallback_reason}); using the sequential path from now on",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         end = self.snapshot()  # w(t+1): the live values, restored bit-for-bit at the end
         was_training = self.model.training
         values = []
@@ -84,3 +118,41 @@ class Prober:
             self.model.train(was_training)
         # One device-to-host transfer for the whole design, not one per probe.
         return torch.stack(values).to(device="cpu", dtype=torch.float64)
+
+    def _losses_batched(
+        self, batch: Any, start: Sequence[Sequence[torch.Tensor]], coeffs: torch.Tensor
+    ) -> torch.Tensor:
+        """vmap over the probe points; each point's parameters go to functional_call, the live ones stay."""
+        wrapper = _LossModule(self.model, self.loss_fn)
+        first = self.groups[0][0]
+        coeffs = coeffs.to(device=first.device, dtype=first.dtype)
+        chunk = max(1, self.memory_budget // max(1, self._point_bytes))
+
+        def loss_at(c: torch.Tensor) -> torch.Tensor:
+            params = {}
+            for k, (group, g_start, g_names) in enumerate(zip(self.groups, start, self._names, strict=True)):
+                for p, s, name in zip(group, g_start, g_names, strict=True):
+                    params[f"model.{name}"] = torch.lerp(s, p.detach(), c[k])  # w(t) + c_k (w(t+1) - w(t))
+            return torch.func.functional_call(wrapper, params, (batch,)).reshape(())
+
+        was_training = self.model.training
+        try:
+            if self.eval_mode:
+                self.model.eval()
+            with torch.no_grad():
+                losses = torch.func.vmap(loss_at, chunk_size=min(chunk, coeffs.shape[0]))(coeffs)
+        finally:
+            self.model.train(was_training)
+        return losses.to(device="cpu", dtype=torch.float64)
+
+
+class _LossModule(nn.Module):
+    """``loss_fn(model, batch)`` as a module, so that functional_call can swap the model's parameters."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        return self.loss_fn(self.model, batch)

@@ -335,3 +335,29 @@ def test_measure_realised_changes_nothing_and_matches_the_model_on_a_quadratic()
     assert all(math.isnan(r.realised_decrease) for r in plain.history)
     for r in measured.history:
         assert r.realised_decrease == pytest.approx(r.predicted_decrease, rel=1e-9, abs=1e-12)
+
+
+def test_batched_probes_give_the_same_trajectory_as_sequential():
+    x, y = torch.randn(64, 4), torch.randn(64, 2)
+
+    def loss_fn(m, batch):
+        return 0.5 * (m(batch[0]) - batch[1]).pow(2).mean()
+
+    runs = []
+    for batched in (False, True):
+        torch.manual_seed(2)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+        opt = torch.optim.AdamW(group_parameters(model, "layer"), lr=1e-2)
+        hidlr = HiDLR(opt, model, loss_fn, interval=2, mode="full", batched_probes=batched)
+        for _ in range(8):
+            loss_fn(model, (x, y)).backward()
+            hidlr.step((x, y))
+            opt.zero_grad()
+        runs.append((model, hidlr))
+    (seq_model, seq), (bat_model, bat) = runs
+    assert bat.prober.fallback_reason is None
+    for r_seq, r_bat in zip(seq.history, bat.history, strict=True):
+        assert r_bat.losses == pytest.approx(r_seq.losses, rel=1e-12, abs=1e-14)
+        assert r_bat.lrs == pytest.approx(r_seq.lrs, rel=1e-9)
+    for a, b in zip(seq_model.parameters(), bat_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

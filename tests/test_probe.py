@@ -98,3 +98,55 @@ def test_coeff_shape_is_checked():
     start = [[p.detach().clone() for p in g] for g in groups]
     with pytest.raises(ValueError, match=r"coeffs must have shape \(P, 2\)"):
         Prober(model, mse, groups).losses(None, start, torch.ones(3))
+
+
+def _stepped(seed=0):
+    model, groups = make(seed)
+    start = [[p.detach().clone() for p in g] for g in groups]
+    with torch.no_grad():
+        for g in groups:
+            for p in g:
+                p.add_(0.1 * torch.randn_like(p))
+    return model, groups, start
+
+
+@pytest.mark.parametrize("memory_budget", [1, 10**9])  # one point per chunk, and the whole design at once
+def test_batched_probes_equal_sequential_and_leave_parameters_bit_identical(memory_budget):
+    model, groups, start = _stepped()
+    batch = (torch.randn(16, 3), torch.randn(16, 1))
+    coeffs = torch.randn(9, 2)
+    before = state(model)
+    sequential = Prober(model, mse, groups).losses(batch, start, coeffs)
+    batched_prober = Prober(model, mse, groups, batched=True, memory_budget=memory_budget)
+    batched = batched_prober.losses(batch, start, coeffs)
+    assert batched_prober.fallback_reason is None
+    torch.testing.assert_close(batched, sequential, rtol=1e-12, atol=1e-12)  # float64: same maths, same order
+    assert_bit_identical(before, model)
+    assert model.training  # the mode is restored
+
+
+def test_batched_probes_fall_back_once_with_a_warning_when_vmap_cannot_run():
+    model, groups, start = _stepped()
+
+    def item_loss(m, batch):  # .item() cannot run under vmap
+        x, y = batch
+        return torch.tensor((m(x) - y).pow(2).mean().item())
+
+    prober = Prober(model, item_loss, groups, batched=True)
+    batch = (torch.randn(8, 3), torch.randn(8, 1))
+    with pytest.warns(RuntimeWarning, match="cannot run Sequential under vmap"):
+        first = prober.losses(batch, start, torch.ones(3, 2))
+    assert prober.fallback_reason is not None
+    expected = Prober(model, item_loss, groups).losses(batch, start, torch.ones(3, 2))
+    assert torch.equal(first, expected)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning
+        prober.losses(batch, start, torch.ones(3, 2))
+
+
+def test_memory_budget_is_validated():
+    model, groups = make()
+    with pytest.raises(ValueError, match="memory_budget"):
+        Prober(model, mse, groups, batched=True, memory_budget=0)
