@@ -8,7 +8,10 @@
    K-layer MLP, one group per layer);
 3. refit: the cost of one refit as K grows, diag and full: the fit alone and the whole refit with probes;
 4. target: compute-to-target from the finished studies: the forward-equivalents Hi-DLR needs to first reach
-   the grid search's final validation loss, over the grid search's total compute (per seed, then the mean).
+   the grid search's final validation loss, over the grid search's total compute (per seed, then the mean);
+5. memory: the peak memory a refit adds, in copies of the trainable parameters (a 4-group MLP of about 100M
+   parameters, each measurement in a fresh process: peak resident memory after a plain step and after a
+   refit; CPU only).
 
 Timings alternate the compared variants and report the median over repeats, so machine noise hits both.
 """
@@ -229,11 +232,48 @@ def target() -> None:
         print(f"| {name} | {cells} | {mean} | {verdict} |")
 
 
+# -- 5. peak memory of a refit ----------------------------------------------------------------------------
+_MEMORY_CHILD = """
+import resource, sys, torch
+from torch import nn
+from hidlr_hpo import HiDLR, group_parameters
+batched = sys.argv[1] == "batched"
+torch.manual_seed(0)
+model = nn.Sequential(*[nn.Linear(5000, 5000) for _ in range(4)])  # 4 groups, 100M parameters, 400 MB
+for p in model.parameters():
+    p.requires_grad_(True)
+opt = torch.optim.SGD(group_parameters(model, "layer"), lr=1e-3)  # no optimizer state: only Hi-DLR's copies
+loss_fn = lambda m, b: m(b).pow(2).mean()
+hidlr = HiDLR(opt, model, loss_fn, interval=2, batched_probes=batched, probe_memory_budget=1)
+batch = torch.randn(8, 5000)
+for _ in range(2):  # two plain steps (no probe batch: no refit): the baseline peak
+    loss_fn(model, batch).backward(); hidlr.step(None); opt.zero_grad(set_to_none=False)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+loss_fn(model, batch).backward(); hidlr.step(batch); opt.zero_grad(set_to_none=False)  # step 2 refits
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+params = sum(p.numel() * p.element_size() for p in model.parameters()) / 1024
+print((peak - base) / params)
+"""
+
+
+def memory() -> None:
+    import subprocess
+    import sys
+
+    print("\n### 5. Peak memory a refit adds, in copies of the trainable parameters (100M-parameter MLP, CPU)\n")
+    print("| probes | extra copies at the refit's peak | goal <= 1 |")
+    print("|---|---|---|")
+    for path in ("sequential", "batched"):
+        out = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, path], capture_output=True, text=True, check=True)
+        copies = float(out.stdout.strip().splitlines()[-1])
+        print(f"| {path} | {copies:.2f} | {'met' if copies <= 1.05 else 'not met'} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--only", default="overhead,batched,refit,target")
+    parser.add_argument("--only", default="overhead,batched,refit,target,memory")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
     if args.threads:
@@ -249,6 +289,8 @@ def main() -> None:
         refit(args.device, args.repeats)
     if "target" in chosen:
         target()
+    if "memory" in chosen and not args.device.startswith("cuda"):
+        memory()
 
 
 if __name__ == "__main__":
