@@ -54,12 +54,12 @@ class _SAGEBase(torch.optim.Optimizer):
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        lr: float,
-        betas: tuple[float, float],
-        beta3: float,
-        eps: float,
-        weight_decay: float,
-        sensitivity_eps: float | None,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        beta3: float = 0.75,
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        sensitivity_eps: float | None = None,
     ) -> None:
         _check(lr, betas, beta3, eps, weight_decay)
         if sensitivity_eps is not None and not sensitivity_eps >= 0.0:
@@ -145,18 +145,6 @@ class AdamWSAGE(_SAGEBase):
         sensitivity_eps: epsilon of the sensitivity ratio (None: ``eps ** 2``, as in the reference code).
     """
 
-    def __init__(
-        self,
-        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        beta3: float = 0.75,
-        eps: float = 1e-6,
-        weight_decay: float = 0.0,
-        sensitivity_eps: float | None = None,
-    ) -> None:
-        super().__init__(params, lr, betas, beta3, eps, weight_decay, sensitivity_eps)
-
     def _update(
         self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]
     ) -> torch.Tensor | None:
@@ -203,18 +191,6 @@ class AdamaxSAGE(_SAGEBase):
         weight_decay: weight decay added to the update (not to the gradient), theta <- theta - eta (u + wd theta).
         sensitivity_eps: epsilon of the sensitivity ratio (None: ``eps ** 2``, as in the reference code).
     """
-
-    def __init__(
-        self,
-        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        beta3: float = 0.75,
-        eps: float = 1e-6,
-        weight_decay: float = 0.0,
-        sensitivity_eps: float | None = None,
-    ) -> None:
-        super().__init__(params, lr, betas, beta3, eps, weight_decay, sensitivity_eps)
 
     def _update(
         self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]
