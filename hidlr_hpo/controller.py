@@ -30,9 +30,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .curvature import Safeguards, check_mode, influence, make_design
+from .curvature import Safeguards, apply_safeguards, check_mode, fit_curvature_known_slope, influence, make_design
 from .groups import check_param_groups, group_names
-from .inner import InnerSolver, check_inner, refit_rates
+from .inner import InnerSolver, Refit, check_inner, refit_rates
 from .probe import LossFn, Prober
 
 __all__ = ["HiDLR", "RefitRecord"]
@@ -115,6 +115,10 @@ class HiDLR:
             factory ``fn(search_space) -> optuna sampler`` (Grid, TPE, GP, CMA-ES, Random) given the same probe
             budget, whose best probed point becomes the proposal.
         eval_mode: run probes with ``model.eval()``.
+        slope: ``"probes"`` (fit b from the probes) or ``"gradient"``: b_k = -G_k . d_k from the gradient the
+            step used, L0 and one point per group probed, so a diag refit costs K + 1 probes instead of
+            2K + 1. Then the probe batch must be the batch just trained on (the gradient's batch); diag mode
+            and the default inner solver only.
         batched_probes: evaluate each design in one ``vmap`` + ``functional_call`` call (see
             :class:`~hidlr_hpo.probe.Prober`; falls back to the sequential path where vmap cannot run), with
             at most ``probe_memory_budget`` bytes of probe-point parameter copies at once.
@@ -145,6 +149,7 @@ class HiDLR:
         horizon: int | None = None,
         inner: InnerSolver = None,
         eval_mode: bool = True,
+        slope: str = "probes",
         batched_probes: bool = False,
         probe_memory_budget: int = 256 * 2**20,
         measure_realised: bool = False,
@@ -162,6 +167,14 @@ class HiDLR:
             raise ValueError(f"horizon must be None or an int >= 1 (the planned number of steps), got {horizon!r}")
         self.mode = check_mode(mode)
         check_inner(inner)
+        if slope not in ("probes", "gradient"):
+            raise ValueError(f"slope must be 'probes' or 'gradient', got {slope!r}")
+        if slope == "gradient" and (self.mode != "diag" or inner is not None or design is not None):
+            raise ValueError(
+                "slope='gradient' fits the diagonal model on its own K + 1 point design: use mode='diag', "
+                "inner=None and no design"
+            )
+        self.slope = slope
         self.inner = inner
         check_param_groups(optimizer.param_groups)
         model_params = {id(p) for p in model.parameters()}
@@ -278,7 +291,10 @@ class HiDLR:
             return losses
 
         n_accepted = len(self.history) - self.n_rejected
-        refit = refit_rates(design, evaluate, eta0, self.mode, self.guards, n_accepted, self.inner)
+        if self.slope == "gradient":
+            refit = self._refit_known_slope(start, evaluate, eta0, applied, n_accepted)
+        else:
+            refit = refit_rates(design, evaluate, eta0, self.mode, self.guards, n_accepted, self.inner)
         fit, result, losses = refit.fit, refit.result, refit.losses
         if not torch.isfinite(losses).all():
             self.n_nonfinite += 1
@@ -316,6 +332,31 @@ class HiDLR:
                 realised_decrease=realised,
             )
         )
+
+    @torch.no_grad()
+    def _refit_known_slope(
+        self,
+        start: list[list[torch.Tensor]],
+        evaluate: Any,
+        eta0: torch.Tensor,
+        applied: torch.Tensor,
+        n_accepted: int,
+    ) -> Refit:
+        """Diag refit with b from the gradient the step used and K + 1 probes (the centre and x = delta e_k)."""
+        k = self.num_groups
+        slopes = []
+        for group, g_start, e0, ap in zip(self.prober.groups, start, eta0.tolist(), applied.tolist(), strict=True):
+            # dL/dx_k at x = 0 is G_k . (eta0_k / applied_k) u_k with u = w(t+1) - w(t); b = -dL/dx.
+            dot = sum(
+                float((p.grad * (p - s)).sum(dtype=torch.float64))
+                for p, s in zip(group, g_start, strict=True)
+                if p.grad is not None
+            )
+            slopes.append(-dot * e0 / ap)
+        points = torch.cat([torch.zeros(1, k), self.delta * torch.eye(k)]).to(torch.float64)
+        losses = evaluate(points)
+        fit = fit_curvature_known_slope(points[1:], losses[1:], float(losses[0]), torch.tensor(slopes)).rescale(eta0)
+        return Refit(points, losses, fit, apply_safeguards(eta0, fit, self.guards, n_accepted))
 
     def _realised_decrease(
         self, batch: Any, start: list[list[torch.Tensor]], design: torch.Tensor, losses: torch.Tensor

@@ -33,6 +33,7 @@ __all__ = [
     "axial_design",
     "check_mode",
     "features",
+    "fit_curvature_known_slope",
     "fit_quadratic",
     "influence",
     "limit_rates",
@@ -243,6 +244,50 @@ def fit_quadratic(points: torch.Tensor, losses: torch.Tensor, mode: str = "diag"
         for idx, (i, j) in enumerate(itertools.combinations(range(k), 2)):
             A[i, j] = A[j, i] = theta[1 + 2 * k + idx]
     return QuadraticFit(mode, float(theta[0] + y_mean), b, A, r2, residuals, p)
+
+
+def fit_curvature_known_slope(
+    points: torch.Tensor,
+    losses: torch.Tensor,
+    L0: float,
+    b: torch.Tensor,  # noqa: N803
+) -> QuadraticFit:
+    """The diagonal model with L0 and b known, A_kk fitted: the known-linear-term lever of DESIGN.md.
+
+    When the probe batch is the batch whose gradient G was just computed, b_k = -dL/dx_k = -G_k . u_k is a
+    dot product of tensors in hand, so only the curvatures remain: every point gives
+
+        L(x) - L0 + b^T x = 1/2 sum_k A_kk x_k^2,
+
+    solved in least squares for the A_kk (K points on the axes determine it exactly). ``r2`` is that of
+    the curvature fit to the residual targets (1 when exactly determined).
+
+    Example:
+        >>> import torch
+        >>> points = torch.eye(2, dtype=torch.float64)  # x = e_1, e_2
+        >>> b, A = torch.tensor([1.0, 0.5], dtype=torch.float64), torch.tensor([4.0, 2.0], dtype=torch.float64)
+        >>> losses = 3.0 - (points @ b) + 0.5 * (points**2 @ A)
+        >>> fit_curvature_known_slope(points, losses, 3.0, b).A.diagonal().tolist()
+        [4.0, 2.0]
+    """
+    x = points.to(torch.float64)
+    y = losses.detach().to(torch.float64).reshape(-1)
+    b = b.to(torch.float64).reshape(-1)
+    p, k = x.shape
+    if y.numel() != p or b.numel() != k:
+        raise ValueError(f"got {y.numel()} losses and {b.numel()} slopes for {p} points of dimension {k}")
+    if p < k:
+        raise ValueError(f"{p} points cannot determine {k} curvatures")
+    if not (torch.isfinite(y).all() and torch.isfinite(b).all() and math.isfinite(L0)):
+        nan = torch.full((k,), math.nan, dtype=torch.float64)
+        return QuadraticFit("diag", math.nan, nan, torch.diag(nan), math.nan, torch.full((p,), math.nan), p)
+    target = y - L0 + x @ b  # = 1/2 sum_k A_kk x_k^2
+    phi = 0.5 * x**2
+    a_diag = torch.linalg.lstsq(phi, target.unsqueeze(1), driver="gelsd").solution.squeeze(1)
+    residuals = target - phi @ a_diag
+    ss_tot = float(((target - target.mean()) ** 2).sum())
+    r2 = 1.0 - float(residuals @ residuals) / ss_tot if ss_tot > 0 else 1.0
+    return QuadraticFit("diag", float(L0), b, torch.diag(a_diag), r2, residuals, p)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -361,3 +361,32 @@ def test_batched_probes_give_the_same_trajectory_as_sequential():
         assert r_bat.lrs == pytest.approx(r_seq.lrs, rel=1e-9)
     for a, b in zip(seq_model.parameters(), bat_model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_gradient_slope_gives_the_analytic_rates_with_k_plus_one_probes(name):
+    """slope='gradient': b from the training gradient, K + 1 probes on the training batch, same eta*."""
+    torch.manual_seed(1)
+    model = TwoBlockLinear()
+    opt = OPTIMIZERS[name](group_parameters(model, "layer"))
+    batch = least_squares_batch(seed=0)
+    for _ in range(3):
+        mse(model, batch).backward()
+        opt.step()
+        opt.zero_grad()
+    mse(model, batch).backward()
+    expected, _, _ = analytic_rates(model, opt, batch, "diag")  # probe batch = the gradient's batch
+    hidlr = HiDLR(opt, model, mse, interval=1, slope="gradient", **RAW)
+    hidlr.step(batch)
+    assert hidlr.probe_forwards == 3  # K + 1, against 2K + 1 with slope="probes"
+    torch.testing.assert_close(torch.tensor(hidlr.last_fit.proposed), expected, rtol=1e-7, atol=0)
+
+
+def test_gradient_slope_needs_diag_and_the_default_solver():
+    model = TwoBlockLinear()
+    opt = torch.optim.SGD(group_parameters(model, "layer"), lr=1e-3)
+    for kwargs in ({"mode": "full"}, {"inner": "hidlr"}, {"design": 9}):
+        with pytest.raises(ValueError, match="slope='gradient'"):
+            HiDLR(opt, model, mse, slope="gradient", **kwargs)
+    with pytest.raises(ValueError, match="slope must be"):
+        HiDLR(opt, model, mse, slope="hessian")
