@@ -70,6 +70,10 @@ VARIANTS: dict[str, dict] = {
     "held-out probe, smoothing of increases only, + horizon, halve on non-descent": dict(
         probe="heldout", hidlr=dict(FAST_DOWN, horizon=True, nondescent_shrink=0.5)
     ),
+    # The known-linear-term lever: b from the training gradient, K + 1 probes on the training batch.
+    "train probe, gradient slope (K + 1 probes), + horizon": dict(
+        probe="train", hidlr=dict(GEN_LIKE, horizon=True, slope="gradient")
+    ),
 }
 # The defaults: chosen on the mean over three starts of the final validation loss relative to the grid's
 # best, on digits (this study) and the multi-task study together; see docs/method.md.
