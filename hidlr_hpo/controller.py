@@ -344,18 +344,21 @@ class HiDLR:
     ) -> Refit:
         """Diag refit with b from the gradient the step used and K + 1 probes (the centre and x = delta e_k)."""
         k = self.num_groups
-        slopes = []
-        for group, g_start, e0, ap in zip(self.prober.groups, start, eta0.tolist(), applied.tolist(), strict=True):
-            # dL/dx_k at x = 0 is G_k . (eta0_k / applied_k) u_k with u = w(t+1) - w(t); b = -dL/dx.
-            dot = sum(
-                float((p.grad * (p - s)).sum(dtype=torch.float64))
+        dots = []  # G_k . u_k per group, kept on the device: one host transfer for all of them
+        for group, g_start in zip(self.prober.groups, start, strict=True):
+            terms = [
+                (p.grad * (p - s)).sum(dtype=torch.float64)
                 for p, s in zip(group, g_start, strict=True)
                 if p.grad is not None
+            ]
+            dots.append(
+                torch.stack(terms).sum() if terms else torch.zeros((), dtype=torch.float64, device=group[0].device)
             )
-            slopes.append(-dot * e0 / ap)
+        # dL/dx_k at x = 0 is G_k . (eta0_k / applied_k) u_k with u = w(t+1) - w(t); b = -dL/dx.
+        slopes = -torch.stack(dots).cpu() * eta0 / applied
         points = torch.cat([torch.zeros(1, k), self.delta * torch.eye(k)]).to(torch.float64)
         losses = evaluate(points)
-        fit = fit_curvature_known_slope(points[1:], losses[1:], float(losses[0]), torch.tensor(slopes)).rescale(eta0)
+        fit = fit_curvature_known_slope(points[1:], losses[1:], float(losses[0]), slopes).rescale(eta0)
         return Refit(points, losses, fit, apply_safeguards(eta0, fit, self.guards, n_accepted))
 
     def _realised_decrease(
