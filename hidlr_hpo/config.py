@@ -110,6 +110,17 @@ class HiDLRMethod(_BaseOptimizer):
     _lr = field_validator("lr")(_positive_lr)
 
     @model_validator(mode="after")
+    def _valid_combination(self) -> HiDLRMethod:
+        if self.options.get("slope") == "gradient" and self.probe != "train":
+            raise ValueError("options.slope = 'gradient' needs probe = 'train' (b comes from the training gradient)")
+        if self.optimizer in ("prodigy", "dadapt-adam", "schedulefree-adamw"):
+            raise ValueError(
+                f"Hi-DLR cannot wrap {self.optimizer!r}: its update is not linear in lr and its state depends on "
+                "lr, so rescaling the step to new rates is not the step it would take"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _gen_is_one_group(self) -> HiDLRMethod:
         if self.preset == "gen":
             if self.grouping not in (None, "single"):

@@ -169,7 +169,8 @@ class HiDLR:
         check_inner(inner)
         if slope not in ("probes", "gradient"):
             raise ValueError(f"slope must be 'probes' or 'gradient', got {slope!r}")
-        if slope == "gradient" and (self.mode != "diag" or inner is not None or design is not None):
+        axial = design is None or (isinstance(design, str) and design == "axial")
+        if slope == "gradient" and (self.mode != "diag" or inner is not None or not axial):
             raise ValueError(
                 "slope='gradient' fits the diagonal model on its own K + 1 point design: use mode='diag', "
                 "inner=None and no design"
@@ -226,6 +227,7 @@ class HiDLR:
         self.n_nonfinite = 0  # refits with a NaN or infinite probe loss
         self.probe_forwards = 0  # forward passes spent on probes
         self.diagnostic_forwards = 0  # forward passes spent measuring realised decreases
+        self.diagnostic_seconds = 0.0  # and the time they took (not the method's cost)
 
     # ------------------------------------------------------------------------------------------------
     @property
@@ -368,7 +370,9 @@ class HiDLR:
         k = self.num_groups
         centre = (design == 0).all(dim=1).nonzero()
         coeffs = torch.ones(1, k) if len(centre) else torch.cat([torch.zeros(1, k), torch.ones(1, k)])
+        t0 = time.perf_counter()
         values = self.prober.losses(batch, start, coeffs)
+        self.diagnostic_seconds += time.perf_counter() - t0
         self.diagnostic_forwards += coeffs.shape[0]
         before = float(losses[int(centre[0])]) if len(centre) else float(values[0])
         return before - float(values[-1])

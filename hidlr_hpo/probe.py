@@ -125,14 +125,15 @@ class Prober:
         """vmap over the probe points; each point's parameters go to functional_call, the live ones stay."""
         wrapper = _LossModule(self.model, self.loss_fn)
         first = self.groups[0][0]
-        coeffs = coeffs.to(device=first.device, dtype=first.dtype)
+        any_double = any(p.dtype == torch.float64 for group in self.groups for p in group)
+        coeffs = coeffs.to(device=first.device, dtype=torch.float64 if any_double else torch.float32)
         chunk = max(1, self.memory_budget // max(1, self._point_bytes))
 
         def loss_at(c: torch.Tensor) -> torch.Tensor:
             params = {}
             for k, (group, g_start, g_names) in enumerate(zip(self.groups, start, self._names, strict=True)):
                 for p, s, name in zip(group, g_start, g_names, strict=True):
-                    params[f"model.{name}"] = torch.lerp(s, p.detach(), c[k])  # w(t) + c_k (w(t+1) - w(t))
+                    params[f"model.{name}"] = _lerp(s, p.detach(), c[k])  # w(t) + c_k (w(t+1) - w(t))
             return torch.func.functional_call(wrapper, params, (batch,)).reshape(())
 
         was_training = self.model.training
@@ -144,6 +145,13 @@ class Prober:
         finally:
             self.model.train(was_training)
         return losses.to(device="cpu", dtype=torch.float64)
+
+
+def _lerp(start: torch.Tensor, end: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """lerp with the coefficient kept in at least float32: rounding c to bfloat16 would move the probe point."""
+    if start.dtype in (torch.float16, torch.bfloat16):
+        return torch.lerp(start.float(), end.float(), c.float()).to(start.dtype)
+    return torch.lerp(start, end, c.to(start.dtype))
 
 
 class _LossModule(nn.Module):

@@ -8,9 +8,9 @@ Logged with MLflow's own client (Optuna's ``MLflowCallback`` is deprecated and m
   seed as params and the Optuna study name and trial number as tags;
 - in a child run, at every refit (step = optimizer step): each group's rate ``lr/<group>``, ``b/<group>``,
   ``A_kk/<group>``, ``influence/<group>``, ``r2``, ``predicted_decrease``, ``realised_decrease``,
-  ``rejected``, ``probe_seconds`` and the ``compute`` spent so far; per epoch: ``train_loss``, ``val_loss``,
-  ``val_acc`` and the rate each group stepped with; at the end the test metrics, the config, the full A
-  (mode full) and the trial's plots.
+  ``rejected``, ``probe_seconds`` and ``compute_spent`` (forward-equivalents so far); per epoch:
+  ``train_loss``, ``val_loss``, ``val_acc`` and the rate each group stepped with; at the last step the test
+  metrics and the total compute; the config, the full A (mode full) and the trial's plots.
 
 Metrics are queued and sent with ``log_batch`` at an epoch's end every few seconds (``flush_seconds``) and at
 the end of the trial, never one call per value: ``benchmarks/tracking_cost.py`` measures what it costs.
@@ -176,6 +176,7 @@ class TrialRun:
         self._last_flush = time.monotonic()
         self._pending: list[Any] = []
         self._full_a: list[dict[str, Any]] = []  # mode full: every refit's A, logged as one artifact
+        self._last_step = 0  # the summary metrics are logged at it, so they are the runs' latest values
         self.log_seconds = 0.0  # time spent in MLflow calls (the cost of tracking)
 
     @property
@@ -187,6 +188,7 @@ class TrialRun:
 
         if value is None or not math.isfinite(value):
             return  # MLflow stores NaN, but a browsing user reads a gap better than a NaN point
+        self._last_step = max(self._last_step, int(step))
         self._pending.append(Metric(_key(key), float(value), int(time.time() * 1000), int(step)))
 
     def refit(self, record: Any, compute: float, group_names: list[str]) -> None:
@@ -204,7 +206,7 @@ class TrialRun:
         self._metric("realised_decrease", record.realised_decrease, t)
         self._metric("rejected", float(record.rejected), t)
         self._metric("probe_seconds", record.probe_seconds, t)
-        self._metric("compute", compute, t)
+        self._metric("compute_spent", compute, t)
         k = len(record.A)
         if any(record.A[i][j] != 0 for i in range(k) for j in range(k) if i != j):  # a full fit: keep all of A
             self._full_a.append({"step": t, "A": record.A, "used_mode": record.used_mode})
@@ -235,12 +237,19 @@ class TrialRun:
         self.log_seconds += time.perf_counter() - t0
 
     def finish(self, summary: dict[str, float], figures: Iterable[tuple[str, Any]] = (), failed: bool = False) -> None:
-        """Final metrics, the full A matrices (mode full), the trial's figures; then close the run."""
+        """Final metrics (at the last step), the full A matrices (mode full), the trial's figures; then close
+        the run. After a tracking failure it still tries, once and silently, to mark the run FAILED so that
+        it does not stay RUNNING in the UI."""
         if not self.active:
+            if self.run_id is not None and self.tracker.client is not None:
+                try:
+                    self.tracker.client.set_terminated(self.run_id, "FAILED")
+                except Exception:  # noqa: BLE001 - best effort: tracking is already off
+                    pass
             return
         t0 = time.perf_counter()
         for key, value in summary.items():
-            self._metric(key, value, 0)
+            self._metric(key, value, self._last_step)
         self.flush()
         client = self.tracker.client
         if self._full_a:

@@ -51,7 +51,7 @@ class TrainResult:
     compute: float = 0.0  # forward-equivalents per example, probes included
     probe_compute: float = 0.0  # the part of ``compute`` spent on probes
     steps: int = 0
-    wall_seconds: float = 0.0
+    wall_seconds: float = 0.0  # training and evaluation; callbacks (tracking) and diagnostics excluded
     hidlr: HiDLR | None = None
 
     def summary(self) -> dict[str, Any]:
@@ -146,6 +146,11 @@ def train(
     probe_gen = torch.Generator().manual_seed(seed + 1_000_003)
     if not 0.0 <= warmup < 1.0:
         raise ValueError(f"warmup is a fraction of the steps in [0, 1), got {warmup}")
+    if hidlr is not None and hidlr.get("slope") == "gradient" and probe != "train":
+        raise ValueError(
+            "slope='gradient' takes b from the training batch's gradient: it needs probe='train' (the batch just "
+            f"trained on), not probe={probe!r}"
+        )
     if hidlr is not None and (schedule != "constant" or warmup > 0):
         raise ValueError(
             f"Hi-DLR sets the learning rates itself; use schedule='constant' and warmup=0 with it, not {schedule!r}"
@@ -165,6 +170,7 @@ def train(
     examples_trained = 0
     probe_examples = 0
     best = float("inf")
+    callback_seconds = 0.0  # time in on_epoch / on_refit (progress, tracking): not the method's cost
     for epoch in range(epochs):
         running, seen = 0.0, 0
         for x, y in task.train.batches(batch_size, gen):
@@ -184,8 +190,12 @@ def train(
                 if probe_batch is not None:
                     probe_examples += (controller.probe_forwards - forwards_before) * len(probe_batch[1])
                     if on_refit is not None and controller.history and controller.history[-1].step == result.steps:
+                        t0 = time.perf_counter()
                         on_refit(controller.history[-1], 3.0 * examples_trained + probe_examples, names)
+                        callback_seconds += time.perf_counter() - t0
             if scheduler is not None:
+                step_lrs = [float(g["lr"]) for g in opt.param_groups]  # the rates this step used
+                step_effective = [_effective_lr(g) for g in opt.param_groups]
                 scheduler.step()
             opt.zero_grad(set_to_none=True)
             result.steps += 1
@@ -198,15 +208,17 @@ def train(
             running / seen,
             val_loss,
             val_acc,
-            [float(g["lr"]) for g in opt.param_groups],
+            step_lrs if scheduler is not None else [float(g["lr"]) for g in opt.param_groups],
             3.0 * examples_trained + probe_examples,
-            [_effective_lr(g) for g in opt.param_groups],
+            step_effective if scheduler is not None else [_effective_lr(g) for g in opt.param_groups],
             result.steps,
             names,
         )
         result.epochs.append(log)
         if on_epoch is not None:
+            t0 = time.perf_counter()
             on_epoch(log)
+            callback_seconds += time.perf_counter() - t0
 
     result.final_val_loss, result.final_val_acc = result.epochs[-1].val_loss, result.epochs[-1].val_acc
     result.best_val_loss = best
@@ -214,7 +226,8 @@ def train(
     result.test_loss, result.test_acc = evaluate(model, task, task.test)
     result.compute = 3.0 * examples_trained + probe_examples
     result.probe_compute = float(probe_examples)
-    result.wall_seconds = time.perf_counter() - start
+    diagnostics = controller.diagnostic_seconds if controller is not None else 0.0
+    result.wall_seconds = time.perf_counter() - start - callback_seconds - diagnostics
     return result
 
 

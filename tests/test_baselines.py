@@ -250,3 +250,30 @@ def test_learning_rate_free_peers_train(name):
         opt.step()
     set_eval_mode(opt, True)
     assert float((model(x).squeeze(-1) - y).pow(2).mean().detach()) < 0.1 * first
+
+
+@pytest.mark.parametrize("cls", [AdamWSAGE, AdamaxSAGE])
+def test_sage_in_float16_stays_finite(cls):
+    # eps**2 = 1e-12 is 0 in float16: elements with theta = 0 or g = 0 must not give 0 / 0.
+    w = torch.nn.Parameter(torch.tensor([0.0, 1.0, 2.0], dtype=torch.float16))
+    opt = cls([w], lr=0.01)
+    for grad in ([0.5, 0.0, 0.3], [0.4, 0.0, 0.2], [0.1, 0.0, 0.6]):
+        w.grad = torch.tensor(grad, dtype=torch.float16)
+        opt.step()
+    assert torch.isfinite(w).all() and math.isfinite(opt.param_groups[0]["mean_scale"])
+
+
+def test_sage_warns_about_an_all_zero_sensitivity_scaled_parameter():
+    b = torch.nn.Parameter(torch.zeros(3))  # like LoRA's B at initialisation
+    opt = AdamWSAGE([b], lr=0.1)
+    b.grad = torch.ones(3)
+    with pytest.warns(RuntimeWarning, match="all zeros .* plain_groups"):
+        opt.step()
+    plain = AdamWSAGE([{"params": [torch.nn.Parameter(torch.zeros(3))], "sensitivity": False}], lr=0.1)
+    plain.param_groups[0]["params"][0].grad = torch.ones(3)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plain.step()  # a plain group is not scaled: no warning, and it moves
+    assert plain.param_groups[0]["params"][0].abs().sum() > 0

@@ -43,3 +43,11 @@ def test_digits_training_counts_probe_compute():
     assert tuned.probe_compute == 64 * h.probe_forwards
     assert tuned.compute == plain.compute + tuned.probe_compute
     assert math.isfinite(tuned.final_val_loss) and tuned.final_val_loss < 2.3  # below chance (ln 10)
+
+
+def test_gradient_slope_needs_the_training_batch_as_probe():
+    from hidlr_hpo.tasks import get_task
+    from hidlr_hpo.training import train
+
+    with pytest.raises(ValueError, match="needs probe='train'"):
+        train(get_task("digits"), lr=1e-3, epochs=1, hidlr={"slope": "gradient"}, probe="heldout")

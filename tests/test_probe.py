@@ -150,3 +150,16 @@ def test_memory_budget_is_validated():
     model, groups = make()
     with pytest.raises(ValueError, match="memory_budget"):
         Prober(model, mse, groups, batched=True, memory_budget=0)
+
+
+def test_batched_probes_in_bfloat16_keep_the_coefficients_exact():
+    model, groups, start = _stepped()
+    model.to(torch.bfloat16)
+    start = [[s.to(torch.bfloat16) for s in g] for g in start]
+    batch = (torch.randn(16, 3, dtype=torch.bfloat16), torch.randn(16, 1, dtype=torch.bfloat16))
+    coeffs = torch.tensor([[1.3699, 0.5], [0.0, 1.0], [2.0, -1.0]], dtype=torch.float64)  # 1.3699 is not a bf16
+    sequential = Prober(model, mse, groups).losses(batch, start, coeffs)
+    prober = Prober(model, mse, groups, batched=True)
+    batched = prober.losses(batch, start, coeffs)
+    assert prober.fallback_reason is None
+    torch.testing.assert_close(batched, sequential, rtol=1e-2, atol=1e-2)  # bfloat16 forward: ~3 digits

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import optuna
@@ -196,7 +197,8 @@ def test_baselines_run_by_name_in_a_study(small):
     assert effective[-1] == sage[0].params["lr"]  # the plain head steps at its lr
     assert all(0 < e != sage[0].params["lr"] for e in effective[:-1])  # sensitivity-scaled groups do not
     _, (cosine,) = trials(cfg, "cosine")
-    assert cosine.params == {} and cosine.user_attrs["curve"]["lrs"][-1] == [0.0, 0.0, 0.0]  # decayed to 0
+    last_step_rate = 1e-3 * 0.5 * (1 + math.cos(math.pi * 8 / 9))  # 9 steps, no warm-up step: p = 8/9 at the last
+    assert cosine.params == {} and cosine.user_attrs["curve"]["lrs"][-1] == pytest.approx([last_step_rate] * 3)
     _, (sf,) = trials(cfg, "schedulefree")
     assert sf.value < 2.0  # trained: ln(10) = 2.30 is chance
     report = write_report(cfg).read_text()
@@ -213,6 +215,8 @@ def test_baseline_fields_are_validated(small):
         ),
         ('[[methods]]\nname = "x"\nkind = "grid"\nlrs = [1e-3, 1e-2]\nschedule = "step"\n', r"methods.3.grid.schedule"),
         ('[[methods]]\nname = "x"\nkind = "hidlr"\npreset = "gen"\ngrouping = "layer"\n', r"preset 'gen' tunes one"),
+        ('[[methods]]\nname = "x"\nkind = "hidlr"\noptions = { slope = "gradient" }\n', r"needs probe = 'train'"),
+        ('[[methods]]\nname = "x"\nkind = "hidlr"\noptimizer = "prodigy"\n', r"cannot wrap 'prodigy'"),
     ]:
         path.write_text(SMALL.format(db="x.db", out="o") + text)
         with pytest.raises(ValueError, match=match):

@@ -105,7 +105,7 @@ def test_sqlite_default_holds_study_trials_and_refits(cfg, tmp_path, monkeypatch
     history = client.get_metric_history(child.info.run_id, f"lr/{first}")
     assert [m.step for m in history] == refits["step"]  # one point per refit, step = optimizer step
     assert [m.value for m in history] == pytest.approx([lrs[0] for lrs in refits["lrs"]])
-    for key in ("r2", "predicted_decrease", "realised_decrease", f"b/{first}", f"A_kk/{first}", "compute"):
+    for key in ("r2", "predicted_decrease", "realised_decrease", f"b/{first}", f"A_kk/{first}", "compute_spent"):
         assert client.get_metric_history(child.info.run_id, key), key
     val = client.get_metric_history(child.info.run_id, "val_loss")
     assert [m.step for m in val] == [9, 18]  # two epochs of 9 steps
@@ -226,3 +226,23 @@ def test_optuna_dashboard_reads_the_same_study(cfg):
     assert status[0].startswith("200")
     names = {s["study_name"] for s in json.loads(body)["study_summaries"]}
     assert {"tracked/hidlr-full/seed0", "tracked/grid/seed0"} <= names
+
+
+def test_a_failure_mid_trial_marks_the_run_failed_not_running(tmp_path, monkeypatch):
+    """The store answers again after one failed send: tracking stays off, but the run is closed as FAILED."""
+    tracker = Tracker(f"sqlite:///{tmp_path / 'm.db'}")
+    tracker.start_study("s", {})
+    run = tracker.start_trial(method="m", description="", seed=0, config={}, study="s/m/seed0", trial=0)
+    real_log_batch = tracker.client.log_batch
+
+    def fail_once(*args, **kwargs):
+        monkeypatch.setattr(tracker.client, "log_batch", real_log_batch)
+        raise ConnectionError("server went away")
+
+    monkeypatch.setattr(tracker.client, "log_batch", fail_once)
+    run._metric("x", 1.0, 0)
+    with pytest.warns(RuntimeWarning, match="server went away"):
+        run.flush()
+    assert not run.active
+    run.finish({"final_val_loss": 0.1})
+    assert tracker.client.get_run(run.run_id).info.status == "FAILED"

@@ -29,6 +29,7 @@ reference scales attention and feed-forward weights and trains embeddings, norms
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -79,15 +80,27 @@ class _SAGEBase(torch.optim.Optimizer):
     def _sensitivity_scale(
         p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any], bias_correct: bool
     ) -> torch.Tensor:
-        """U_t / (I_hat_t + eps_s): the per-element learning-rate multiplier."""
+        """U_t / (I_hat_t + eps_s): the per-element learning-rate multiplier, in p's dtype.
+
+        The sensitivity and its average are kept in at least float32: eps_s = eps**2 = 1e-12 is 0 in
+        float16, where an element with theta = 0 or g = 0 would give 0 / 0.
+        """
         beta3 = group["beta3"]
         eps_s = group["eps"] ** 2 if group["sensitivity_eps"] is None else group["sensitivity_eps"]
+        work = torch.promote_types(p.dtype, torch.float32)
         if "exp_avg_ipt" not in state:
-            state["exp_avg_ipt"] = torch.zeros_like(p)
-        ipt = (p * grad).abs()  # I_t = |theta * g|
+            state["exp_avg_ipt"] = torch.zeros_like(p, dtype=work)
+            if not p.any():
+                warnings.warn(
+                    f"a sensitivity-scaled parameter of shape {tuple(p.shape)} is all zeros (e.g. LoRA's B): its "
+                    "sensitivity |theta * grad| is 0, so SAGE never moves it; put its group in plain_groups",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+        ipt = (p.to(work) * grad.to(work)).abs()  # I_t = |theta * g|
         state["exp_avg_ipt"].mul_(beta3).add_(ipt, alpha=1.0 - beta3)  # I_bar_t
         ipt_hat = state["exp_avg_ipt"] / (1.0 - beta3 ** state["step"]) if bias_correct else state["exp_avg_ipt"]
-        return (ipt - ipt_hat).abs() / (ipt_hat + eps_s)  # U_t / (I_hat_t + eps_s)
+        return ((ipt - ipt_hat).abs() / (ipt_hat + eps_s)).to(p.dtype)  # U_t / (I_hat_t + eps_s)
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -106,7 +119,7 @@ class _SAGEBase(torch.optim.Optimizer):
                 state["step"] = state.get("step", 0) + 1
                 scale = self._update(p, p.grad, state, group)
                 if scale is not None:
-                    scale_sum, count = scale_sum + scale.sum(), count + scale.numel()
+                    scale_sum, count = scale_sum + scale.sum(dtype=torch.float32), count + scale.numel()
             # lr * the mean multiplier is the group's mean effective rate, which the studies report beside
             # Hi-DLR's group rates (one host sync per group and step).
             group["mean_scale"] = float(scale_sum) / count if count else 1.0
