@@ -1,19 +1,32 @@
-"""``HiDLR``: wrap any torch optimizer and refit its group learning rates from forward-only probes.
+"""``HiDLR``: wrap a torch optimizer and refit its group learning rates from forward-only probes.
 
-Every ``interval`` steps (step 0 included), with the probe batch the caller passes to :meth:`HiDLR.step`:
+The rate group k steps with is
 
-    1. save w(t); let the base optimizer step once with its current rates eta0: w(t+1) = w(t) + u
+    eta_k(t) = lr_k(t) * m_k * h(t)
+
+where lr_k(t) is the group's ``lr`` as the user or an LR scheduler sets it (read at every step, never
+overwritten), m_k is the multiplier HiDLR fits (1 at the start), and h(t) = max(0, 1 - t / horizon) the
+optional horizon factor. So an LR scheduler composes: it gives the shape over time, the fitted m_k give
+the level and the ratios between groups. HiDLR writes eta_k into ``group["lr"]`` only for the duration of
+the base optimizer's step and puts lr_k back afterwards, so chainable schedulers see their own values;
+:meth:`HiDLR.lrs` gives the rates actually used.
+
+Every ``interval`` steps (step 0 included), with the probe batch the caller passes to :meth:`HiDLR.step`
+(a refit that falls due on a step without one waits for the next step that has one):
+
+    1. save w(t); let the base optimizer step once with the level eta0 = lr * m (times h): w(t+1) = w(t) + u
     2. for each probe point x^(j) (multipliers of eta0, e.g. the axial design {0, +-e_k}) evaluate
        L_j = L(w(t) + sum_k x_k u_k) on the probe batch, forward only, parameters restored exactly
     3. least-squares fit  L(x) ~= L0 - b^T x + 1/2 x^T A x, rescaled to rates eta = eta0 * x
     4. eta* = b_k / A_kk (diag) or A^{-1} b (full), then the safeguards (R^2, convexity, descent,
        trust region, smoothing, bounds)
-    5. the step just taken is rescaled to the new rates, w(t+1) <- w(t) + (eta*_k / eta0_k) u_k, and the
-       optimizer's ``lr`` of each group is set to eta*_k.
+    5. the step just taken is rescaled to the new rates, w(t+1) <- w(t) + (eta*_k / eta0_k) u_k, and
+       m_k <- eta*_k / lr_k.
 
 The update u_k is linear in the group's learning rate for SGD (with momentum), Adam, AdamW and the like,
 and their state (moments) does not depend on it, so step 5 is exactly the step the optimizer would have
-taken with eta*: its state advances once per step, refit or not. K = 1 (one group) is GeN.
+taken with eta*: its state advances once per step, refit or not. Other optimizers are refused (see
+:mod:`hidlr_hpo.rate_linear`). K = 1 (one group) is GeN.
 
 Short-horizon bias: the fitted rate minimises the *next* loss on the probe batch. Pass ``horizon`` (the
 planned number of steps) to multiply every rate by 1 - t / horizon, and pass a held-out batch as the probe
@@ -24,21 +37,35 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+import warnings
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
 from torch import nn
 
-from .curvature import Safeguards, apply_safeguards, check_mode, fit_curvature_known_slope, influence, make_design
+from .curvature import (
+    Safeguards,
+    apply_safeguards,
+    check_mode,
+    fit_curvature_known_slope,
+    influence,
+    make_design,
+    negligible_groups,
+)
 from .groups import check_param_groups, group_names
 from .inner import InnerSolver, Refit, check_inner, refit_rates
 from .probe import LossFn, Prober
+from .rate_linear import check_rate_linear
 
 __all__ = ["HiDLR", "RefitRecord"]
 
 # Below this fraction of the planned horizon the steps are too small to probe reliably: stop refitting.
 _MIN_HORIZON_FACTOR_TO_REFIT = 0.1
+# A group's effect on the probe losses below this many ulps of the largest loss is round-off: it did not move.
+_NOISE_ULPS = 64
+# A gradient changed by more than this relative amount between backward and step was clipped or rescaled.
+_GRAD_CHANGE_TOL = 1e-6
 
 
 @dataclass
@@ -46,10 +73,10 @@ class RefitRecord:
     """What one refit measured and decided (rates are per group, in the optimizer's group order)."""
 
     step: int
-    prev_lrs: list[float]  # base rates before the refit
+    prev_lrs: list[float]  # rate levels lr_k * m_k before the refit
     proposed: list[float]  # raw model minimiser (NaN where the model has none)
-    lrs: list[float]  # base rates after the safeguards
-    applied_lrs: list[float]  # rates given to the optimizer (lrs times the horizon factor)
+    lrs: list[float]  # rate levels after the safeguards
+    applied_lrs: list[float]  # rates the step used (lrs times the horizon factor)
     b: list[float]
     A: list[list[float]]
     L0: float
@@ -63,6 +90,7 @@ class RefitRecord:
     # HiDLR(measure_realised=True); the predicted one is NaN when the fit was rejected).
     predicted_decrease: float = math.nan
     realised_decrease: float = math.nan
+    scheduled_lrs: list[float] = field(default_factory=list)  # the groups' own lr (a scheduler's) at the refit
 
     @property
     def rejected(self) -> bool:
@@ -86,13 +114,19 @@ class HiDLR:
         >>> hidlr = HiDLR(opt, model, loss_fn, interval=5)
         >>> for _ in range(10):
         ...     loss_fn(model, (x, y)).backward()
-        ...     hidlr.step((x, y))
+        ...     hidlr.step((x, y) if hidlr.refit_due else None)  # the probe batch, only when a refit is due
         ...     opt.zero_grad()
         >>> len(hidlr.history), hidlr.last_fit.step
         (2, 5)
 
+    The rates: each group steps with ``group["lr"] * m_k * h(t)`` (see the module docstring); HiDLR fits the
+    multipliers m_k, an LR scheduler or the user may set ``group["lr"]`` as usual. Checkpoints: save
+    ``optimizer.state_dict()`` and ``hidlr.state_dict()`` (like an LR scheduler, HiDLR keeps only its own).
+
     Args:
-        optimizer: the base optimizer; its param groups are the K groups (see ``group_parameters``).
+        optimizer: the base optimizer; its param groups are the K groups (see ``group_parameters``). Its step
+            must be linear in lr (SGD, Adam, AdamW, Adagrad, RMSprop, Adamax, NAdam, RAdam, Adadelta, SAGE;
+            see :mod:`hidlr_hpo.rate_linear`); others are refused unless ``assume_rate_linear=True``.
         model: the module whose parameters the optimizer holds; ``loss_fn`` calls it.
         loss_fn: ``loss_fn(model, batch) -> scalar tensor``, used for the probes.
         interval: refit every this many steps (step 0 included).
@@ -114,17 +148,22 @@ class HiDLR:
             ``"hidlr"`` (the same through Optuna's ask-and-tell with :class:`HiDLRSampler`; same rates), or a
             factory ``fn(search_space) -> optuna sampler`` (Grid, TPE, GP, CMA-ES, Random) given the same probe
             budget, whose best probed point becomes the proposal.
-        eval_mode: run probes with ``model.eval()``.
+        eval_mode: run probes with ``model.eval()`` (each module's own mode is restored afterwards).
         slope: ``"probes"`` (fit b from the probes) or ``"gradient"``: b_k = -G_k . d_k from the gradient the
             step used, L0 and one point per group probed, so a diag refit costs K + 1 probes instead of
-            2K + 1. Then the probe batch must be the batch just trained on (the gradient's batch); diag mode
-            and the default inner solver only.
+            2K + 1. The gradient must be that of the very function the probes evaluate: ``p.grad`` exactly as
+            ``loss_fn(model, probe_batch).backward()`` left it, on the batch just trained on. So HiDLR refuses
+            it with gradient clipping or loss (un)scaling between backward and step (detected: the gradient
+            changed), with active dropout (the probes cannot see the training forward's mask), and with
+            BatchNorm in train mode under ``eval_mode=True``. Diag mode and the default inner solver only.
         batched_probes: evaluate each design in one ``vmap`` + ``functional_call`` call (see
             :class:`~hidlr_hpo.probe.Prober`; falls back to the sequential path where vmap cannot run), with
             at most ``probe_memory_budget`` bytes of probe-point parameter copies at once.
         measure_realised: after each refit, evaluate the loss at the step actually taken (one or two more
             forwards on the probe batch) and record the realised beside the predicted decrease. A diagnostic:
             it changes nothing in training and is counted in ``diagnostic_forwards``, not ``probe_forwards``.
+        history_size: keep the records of at most this many recent refits in :attr:`history` (None: all).
+        assume_rate_linear: accept an optimizer that is not known to be rate-linear (your own, say).
         seed: seeds the random designs.
     """
 
@@ -153,6 +192,8 @@ class HiDLR:
         batched_probes: bool = False,
         probe_memory_budget: int = 256 * 2**20,
         measure_realised: bool = False,
+        history_size: int | None = 1000,
+        assume_rate_linear: bool = False,
         seed: int = 0,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -161,10 +202,15 @@ class HiDLR:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
             raise TypeError("loss_fn must be callable as loss_fn(model, batch) -> scalar tensor")
+        check_rate_linear(optimizer, assume_rate_linear)
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise ValueError(f"interval must be an int >= 1, got {interval!r}")
         if horizon is not None and (isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1):
             raise ValueError(f"horizon must be None or an int >= 1 (the planned number of steps), got {horizon!r}")
+        if history_size is not None and (
+            isinstance(history_size, bool) or not isinstance(history_size, int) or history_size < 1
+        ):
+            raise ValueError(f"history_size must be None or an int >= 1, got {history_size!r}")
         self.mode = check_mode(mode)
         check_inner(inner)
         if slope not in ("probes", "gradient"):
@@ -177,6 +223,7 @@ class HiDLR:
             )
         self.slope = slope
         self.inner = inner
+        self.eval_mode = eval_mode
         check_param_groups(optimizer.param_groups)
         model_params = {id(p) for p in model.parameters()}
         for name, group in zip(group_names(optimizer.param_groups), optimizer.param_groups, strict=True):
@@ -193,6 +240,7 @@ class HiDLR:
         self.interval = interval
         self.horizon = horizon
         self.measure_realised = measure_realised
+        self.history_size = history_size
         self.guards = Safeguards(
             min_r2=min_r2,
             trust_ratio=trust_ratio,
@@ -218,16 +266,26 @@ class HiDLR:
             memory_budget=probe_memory_budget,
         )
         self._n_params = [sum(p.numel() for p in g["params"]) for g in optimizer.param_groups]
+        self._grad_sumsq: dict[int, torch.Tensor] = {}  # slope='gradient': |grad|^2 as backward left it
+        if slope == "gradient":
+            self._check_gradient_function()
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.register_post_accumulate_grad_hook(self._record_grad)
 
         # Mutable state (all of it in state_dict()).
-        self.base_lrs = torch.tensor([float(g["lr"]) for g in optimizer.param_groups], dtype=torch.float64)
+        self.multipliers = torch.ones(k, dtype=torch.float64)  # m_k: the rate is lr_k * m_k * h(t)
         self.step_count = 0
+        self.next_refit = 0  # the step at (or after) which the next refit is due
         self.history: list[RefitRecord] = []
+        self.n_refits = 0  # refits done (history may keep fewer records)
         self.n_rejected = 0  # refits whose fit was rejected (non-finite or low R^2)
         self.n_nonfinite = 0  # refits with a NaN or infinite probe loss
         self.probe_forwards = 0  # forward passes spent on probes
         self.diagnostic_forwards = 0  # forward passes spent measuring realised decreases
         self.diagnostic_seconds = 0.0  # and the time they took (not the method's cost)
+        self._last_applied = self._scheduled_lrs() * self._horizon_factor(0)
+        self._warned: set[str] = set()
 
     # ------------------------------------------------------------------------------------------------
     @property
@@ -239,88 +297,149 @@ class HiDLR:
         return self.history[-1] if self.history else None
 
     @property
+    def base_lrs(self) -> torch.Tensor:
+        """The rate levels lr_k * m_k now (before the horizon factor)."""
+        return self._scheduled_lrs() * self.multipliers
+
+    @property
     def refit_due(self) -> bool:
-        """Whether the next :meth:`step` refits (when given a probe batch)."""
-        return self.step_count % self.interval == 0 and self._horizon_factor(self.step_count) >= (
+        """Whether the next :meth:`step` refits when given a probe batch (a due refit waits for one)."""
+        return self.step_count >= self.next_refit and self._horizon_factor(self.step_count) >= (
             _MIN_HORIZON_FACTOR_TO_REFIT if self.horizon else 0.0
         )
 
     def lrs(self) -> list[float]:
-        """The rates the optimizer uses now, per group."""
-        return [float(g["lr"]) for g in self.optimizer.param_groups]
+        """The rates the last step used, per group (before any step: the rates the first will use)."""
+        return self._last_applied.tolist()
 
     def _horizon_factor(self, t: int) -> float:
         return 1.0 if self.horizon is None else max(0.0, 1.0 - t / self.horizon)
+
+    def _scheduled_lrs(self) -> torch.Tensor:
+        """Each group's own ``lr`` as the user or a scheduler set it: read, never assumed."""
+        lrs = torch.tensor([float(g["lr"]) for g in self.optimizer.param_groups], dtype=torch.float64)
+        bad = [
+            (n, lr) for n, lr in zip(self.group_names, lrs.tolist(), strict=True) if not (lr >= 0 and math.isfinite(lr))
+        ]
+        if bad:
+            raise ValueError(f"group {bad[0][0]!r} has lr={bad[0][1]}; a learning rate must be finite and >= 0")
+        return lrs
 
     def _set_lrs(self, lrs: torch.Tensor) -> None:
         for group, lr in zip(self.optimizer.param_groups, lrs.tolist(), strict=True):
             group["lr"] = lr
 
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+
     # ------------------------------------------------------------------------------------------------
     def step(self, probe_batch: Any = None, closure: Any = None) -> Any:
-        """Step the base optimizer; on refit steps (see :attr:`refit_due`) also refit the group rates.
+        """Step the base optimizer; when a refit is due (see :attr:`refit_due`) also refit the group rates.
 
         Args:
             probe_batch: the batch the probes evaluate ``loss_fn`` on. Pass a held-out batch to fit a
-                validation loss. ``None`` skips the refit (the step is a plain optimizer step).
+                validation loss. ``None`` makes a plain step; a due refit then waits for the next step
+                that has a batch. A batch on a step where no refit is due is not used (warned once).
             closure: passed to the base optimizer's ``step``.
         """
+        due = self.refit_due
+        if probe_batch is not None and not due:
+            self._warn_once(
+                "unused_batch",
+                f"HiDLR.step got a probe batch at step {self.step_count}, where no refit is due; it is not used. "
+                "Pass one only when hidlr.refit_due is True (it saves drawing the batch).",
+            )
+        elif probe_batch is None and due and self.step_count - self.next_refit >= self.interval:
+            self._warn_once(
+                "starved",
+                f"HiDLR has had no probe batch for {self.step_count - self.next_refit} steps since a refit fell due, "
+                "so its rates have not been refitted; pass one to step() when hidlr.refit_due is True.",
+            )
+        scheduled = self._scheduled_lrs()
         factor = self._horizon_factor(self.step_count)
-        applied = self.base_lrs * factor
-        if self.horizon is not None:
-            self._set_lrs(applied)
-        if probe_batch is None or not self.refit_due or factor <= 0:
+        level = scheduled * self.multipliers  # eta0 = lr * m
+        applied = level * factor  # the rates this step uses
+        refit = probe_batch is not None and due and bool((applied > 0).any())
+        if refit and self.slope == "gradient":
+            self._check_gradient_function()
+            self._check_gradient_unchanged()
+        start = self.prober.snapshot() if refit else None
+        self._set_lrs(applied)
+        try:
             loss = self.optimizer.step(closure)
-        else:
-            start = self.prober.snapshot()
-            loss = self.optimizer.step(closure)
-            self._refit(probe_batch, start, applied, factor)
+            if start is not None:
+                applied = self._refit(probe_batch, start, scheduled, level, applied, factor)
+        finally:
+            self._set_lrs(scheduled)  # the user's (scheduler's) own values, untouched
+            self._grad_sumsq.clear()
+        self._last_applied = applied
         self.step_count += 1
         return loss
 
-    def _refit(self, batch: Any, start: list[list[torch.Tensor]], applied: torch.Tensor, factor: float) -> None:
-        eta0 = self.base_lrs
+    def _refit(
+        self,
+        batch: Any,
+        start: list[list[torch.Tensor]],
+        scheduled: torch.Tensor,
+        eta0: torch.Tensor,
+        applied: torch.Tensor,
+        factor: float,
+    ) -> torch.Tensor:
+        """One refit after the step; returns the rates the (rescaled) step used."""
         design = make_design(self.design_spec, self.num_groups, self.mode, self.delta, self._generator)
         probe_seconds = 0.0
+        moving = applied > 0  # a group whose rate is 0 now (a scheduler's warm-up from 0) did not move
 
         def evaluate(points: torch.Tensor) -> torch.Tensor:
             nonlocal probe_seconds
             t0 = time.perf_counter()
             # Probe point x (multipliers of eta0) is w(t) + (x_k eta0_k / applied_k) u_k.
-            losses = self.prober.losses(batch, start, points * (eta0 / applied))
+            coeffs = points * torch.where(moving, eta0 / applied.clamp_min(1e-300), torch.zeros_like(eta0))
+            losses = self.prober.losses(batch, start, coeffs)
             probe_seconds += time.perf_counter() - t0
             self.probe_forwards += points.shape[0]
             return losses
 
-        n_accepted = len(self.history) - self.n_rejected
+        def dead(points: torch.Tensor, losses: torch.Tensor, fit_x: Any) -> torch.Tensor:
+            """Groups that did not move: no rate, or an effect on the losses at round-off level."""
+            eps = torch.finfo(self.prober.loss_dtype or torch.float32).eps
+            finite = losses[torch.isfinite(losses)]
+            noise = _NOISE_ULPS * eps * (float(finite.abs().max()) if finite.numel() else 0.0)
+            return negligible_groups(points, fit_x, noise) | ~moving
+
+        n_accepted = self.n_refits - self.n_rejected
         if self.slope == "gradient":
-            refit = self._refit_known_slope(start, evaluate, eta0, applied, n_accepted)
+            refit = self._refit_known_slope(start, evaluate, eta0, applied, n_accepted, dead)
         else:
-            refit = refit_rates(design, evaluate, eta0, self.mode, self.guards, n_accepted, self.inner)
+            refit = refit_rates(design, evaluate, eta0, self.mode, self.guards, n_accepted, self.inner, dead)
         fit, result, losses = refit.fit, refit.result, refit.losses
+        self.n_refits += 1
+        self.next_refit = self.step_count + self.interval
         if not torch.isfinite(losses).all():
             self.n_nonfinite += 1
         if result.rejected:
             self.n_rejected += 1
+            new_applied = applied
         else:
             new_applied = result.lrs * factor
-            self._rescale_last_step(start, new_applied / applied)
-            self.base_lrs = result.lrs
-            self._set_lrs(new_applied)
+            self._rescale_last_step(start, torch.where(moving, new_applied / applied.clamp_min(1e-300), 1.0))
+            # m_k = eta*_k / lr_k; a group with lr 0 keeps its multiplier.
+            self.multipliers = torch.where(scheduled > 0, result.lrs / scheduled.clamp_min(1e-300), self.multipliers)
 
         predicted, realised = math.nan, math.nan
         if self.measure_realised:
-            taken = torch.tensor(self.lrs(), dtype=torch.float64)
             if not result.rejected:
-                predicted = fit.L0 - float(fit.predict(taken.unsqueeze(0))[0])  # L0 - L(eta taken)
+                predicted = fit.L0 - float(fit.predict(new_applied.unsqueeze(0))[0])  # L0 - L(eta taken)
             realised = self._realised_decrease(batch, start, refit.points, losses)
         self.history.append(
             RefitRecord(
                 step=self.step_count,
                 prev_lrs=eta0.tolist(),
                 proposed=result.proposed.tolist(),
-                lrs=self.base_lrs.tolist(),
-                applied_lrs=self.lrs(),
+                lrs=result.lrs.tolist(),
+                applied_lrs=new_applied.tolist(),
                 b=fit.b.tolist(),
                 A=fit.A.tolist(),
                 L0=fit.L0,
@@ -332,8 +451,12 @@ class HiDLR:
                 probe_seconds=probe_seconds,
                 predicted_decrease=predicted,
                 realised_decrease=realised,
+                scheduled_lrs=scheduled.tolist(),
             )
         )
+        if self.history_size is not None and len(self.history) > self.history_size:
+            del self.history[: len(self.history) - self.history_size]
+        return new_applied
 
     @torch.no_grad()
     def _refit_known_slope(
@@ -343,6 +466,7 @@ class HiDLR:
         eta0: torch.Tensor,
         applied: torch.Tensor,
         n_accepted: int,
+        dead: Any,
     ) -> Refit:
         """Diag refit with b from the gradient the step used and K + 1 probes (the centre and x = delta e_k)."""
         k = self.num_groups
@@ -357,11 +481,58 @@ class HiDLR:
                 torch.stack(terms).sum() if terms else torch.zeros((), dtype=torch.float64, device=group[0].device)
             )
         # dL/dx_k at x = 0 is G_k . (eta0_k / applied_k) u_k with u = w(t+1) - w(t); b = -dL/dx.
-        slopes = -torch.stack(dots).cpu() * eta0 / applied
+        slopes = -torch.stack(dots).cpu() * torch.where(applied > 0, eta0 / applied.clamp_min(1e-300), 0.0)
         points = torch.cat([torch.zeros(1, k), self.delta * torch.eye(k)]).to(torch.float64)
         losses = evaluate(points)
-        fit = fit_curvature_known_slope(points[1:], losses[1:], float(losses[0]), slopes).rescale(eta0)
-        return Refit(points, losses, fit, apply_safeguards(eta0, fit, self.guards, n_accepted))
+        fit_x = fit_curvature_known_slope(points[1:], losses[1:], float(losses[0]), slopes)
+        fit = fit_x.rescale(eta0)
+        still = dead(points, losses, fit_x) if fit.is_finite else None
+        return Refit(points, losses, fit, apply_safeguards(eta0, fit, self.guards, n_accepted, still))
+
+    # ------------------------------------------------------------------------------------------------
+    def _record_grad(self, p: torch.Tensor) -> None:
+        """Post-accumulate-grad hook (slope='gradient'): |grad|^2 as backward left it, on refit steps only."""
+        if self.refit_due and p.grad is not None:
+            self._grad_sumsq[id(p)] = p.grad.detach().pow(2).sum(dtype=torch.float64)
+
+    def _check_gradient_unchanged(self) -> None:
+        """slope='gradient' needs p.grad exactly as backward left it: refuse clipping and (un)scaling."""
+        for name, group in zip(self.group_names, self.optimizer.param_groups, strict=True):
+            for p in group["params"]:
+                recorded = self._grad_sumsq.get(id(p))
+                if recorded is None or p.grad is None:
+                    continue  # not seen by the hook (HiDLR built after backward): cannot check
+                now = p.grad.detach().pow(2).sum(dtype=torch.float64)
+                ratio = (
+                    float((now / recorded).sqrt()) if float(recorded) > 0 else (1.0 if float(now) == 0 else math.inf)
+                )
+                if not abs(ratio - 1.0) <= _GRAD_CHANGE_TOL:
+                    raise ValueError(
+                        f"slope='gradient' takes b from p.grad, but the gradient of group {name!r} changed by a "
+                        f"factor {ratio:.4g} between backward and step (gradient clipping, loss scaling, or an "
+                        "in-place change), so it is no longer the gradient of the loss the probes evaluate. "
+                        "Use slope='probes' with clipping or a GradScaler."
+                    )
+
+    def _check_gradient_function(self) -> None:
+        """slope='gradient': the probes must evaluate the function the gradient was taken of."""
+        if not self.model.training:
+            return
+        for path, module in self.model.named_modules():
+            if not module.training:
+                continue
+            if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
+                raise ValueError(
+                    f"slope='gradient' cannot be used with active dropout ({path or 'the model'}: "
+                    f"{type(module).__name__}(p={module.p})): the gradient was taken under one random mask, "
+                    "which the probes cannot reproduce. Use slope='probes'."
+                )
+            if self.eval_mode and isinstance(module, nn.modules.batchnorm._BatchNorm):
+                raise ValueError(
+                    f"slope='gradient' with eval_mode=True cannot be used with a BatchNorm in train mode "
+                    f"({path}): the gradient used batch statistics, the eval-mode probes the running ones. "
+                    "Pass eval_mode=False (probes then use the batch statistics too) or slope='probes'."
+                )
 
     def _realised_decrease(
         self, batch: Any, start: list[list[torch.Tensor]], design: torch.Tensor, losses: torch.Tensor
@@ -387,32 +558,98 @@ class HiDLR:
                 p.copy_(torch.lerp(s, p, c))
 
     # ------------------------------------------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        """The settings that shape the trajectory; a checkpoint loads only into a HiDLR with the same ones."""
+        design = self.design_spec if isinstance(self.design_spec, (str, int)) else self.design_spec.tolist()
+        return {
+            "groups": list(self.group_names),
+            "interval": self.interval,
+            "mode": self.mode,
+            "horizon": self.horizon,
+            "design": design,
+            "delta": self.delta,
+            "slope": self.slope,
+            "eval_mode": self.eval_mode,
+            "safeguards": asdict(self.guards),
+        }
+
     def state_dict(self) -> dict[str, Any]:
         """HiDLR's own state. Like an LR scheduler's, it excludes the optimizer's: save both."""
         return {
-            "base_lrs": self.base_lrs.tolist(),
+            "multipliers": self.multipliers.tolist(),
+            "last_applied": self._last_applied.tolist(),
             "step_count": self.step_count,
+            "next_refit": self.next_refit,
             "history": [asdict(r) for r in self.history],
+            "n_refits": self.n_refits,
             "n_rejected": self.n_rejected,
             "n_nonfinite": self.n_nonfinite,
             "probe_forwards": self.probe_forwards,
             "diagnostic_forwards": self.diagnostic_forwards,
             "generator": self._generator.get_state(),
-            "config": {"interval": self.interval, "mode": self.mode, "horizon": self.horizon},
+            "config": self.config(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if len(state["base_lrs"]) != self.num_groups:
-            raise ValueError(f"state_dict has {len(state['base_lrs'])} groups but the optimizer has {self.num_groups}")
-        self.base_lrs = torch.tensor(state["base_lrs"], dtype=torch.float64)
-        self.step_count = int(state["step_count"])
-        self.history = [RefitRecord(**r) for r in state["history"]]
-        self.n_rejected = int(state["n_rejected"])
-        self.n_nonfinite = int(state["n_nonfinite"])
-        self.probe_forwards = int(state["probe_forwards"])
-        self.diagnostic_forwards = int(state.get("diagnostic_forwards", 0))
-        self._generator.set_state(state["generator"])
+        """Load a :meth:`state_dict`: everything is checked first, nothing is changed unless all of it loads."""
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict from HiDLR.state_dict(), got {type(state).__name__}")
+        required = ("multipliers", "last_applied", "step_count", "next_refit", "history", "n_refits", "n_rejected",
+                    "n_nonfinite", "probe_forwards", "diagnostic_forwards", "generator", "config")  # fmt: skip
+        missing = [key for key in required if key not in state]
+        if missing:
+            raise ValueError(f"HiDLR state_dict is missing {missing}; was it saved by HiDLR.state_dict()?")
+        mine, saved = self.config(), state["config"]
+        if not isinstance(saved, dict) or saved != mine:
+            differ = sorted(key for key in mine if not isinstance(saved, dict) or saved.get(key) != mine.get(key))
+            detail = (
+                "; ".join(f"{key}: saved {saved.get(key)!r}, here {mine[key]!r}" for key in differ[:4])
+                if isinstance(saved, dict)
+                else repr(saved)
+            )
+            raise ValueError(f"the checkpoint was saved by a HiDLR with other settings ({detail}); build it alike")
+        k = self.num_groups
+        multipliers = _float_vector(state["multipliers"], k, "multipliers", positive=True)
+        last_applied = _float_vector(state["last_applied"], k, "last_applied", positive=False)
+        counts = {key: state[key] for key in required if key.startswith(("n_", "probe", "diag", "step", "next"))}
+        for key, value in counts.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"state_dict[{key!r}] must be an int >= 0, got {value!r}")
+        names = {f.name for f in fields(RefitRecord)}
+        if not isinstance(state["history"], list) or not all(
+            isinstance(r, dict) and set(r) <= names for r in state["history"]
+        ):
+            raise ValueError("state_dict['history'] must be a list of RefitRecord dicts")
+        history = [RefitRecord(**r) for r in state["history"]]
+        generator = state["generator"]
+        if not isinstance(generator, torch.Tensor) or generator.dtype != torch.uint8:
+            raise ValueError("state_dict['generator'] must be a torch.Generator state (a uint8 tensor)")
+        check = torch.Generator()
+        check.set_state(generator)  # raises on a malformed state, before anything is assigned
+
+        self.multipliers, self._last_applied = multipliers, last_applied
+        self.history = history
+        for key, value in counts.items():
+            setattr(self, key, value)
+        self._generator.set_state(generator)
 
     def __repr__(self) -> str:
         rates = ", ".join(f"{n}={lr:.3g}" for n, lr in zip(self.group_names, self.lrs(), strict=True))
         return f"HiDLR({type(self.optimizer).__name__}, mode={self.mode}, interval={self.interval}, lrs: {rates})"
+
+
+def _float_vector(value: Any, k: int, name: str, positive: bool) -> torch.Tensor:
+    try:
+        vector = torch.tensor(value, dtype=torch.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"state_dict[{name!r}] must be a list of {k} numbers, got {value!r}") from exc
+    ok = (
+        vector.shape == (k,)
+        and bool(torch.isfinite(vector).all())
+        and bool((vector > 0 if positive else vector >= 0).all())
+    )
+    if not ok:
+        raise ValueError(
+            f"state_dict[{name!r}] must be {k} finite numbers {'> 0' if positive else '>= 0'}, got {value!r}"
+        )
+    return vector

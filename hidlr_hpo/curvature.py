@@ -39,9 +39,11 @@ __all__ = [
     "limit_rates",
     "make_design",
     "n_unknowns",
+    "negligible_groups",
     "pairwise_design",
     "random_design",
     "solve",
+    "solve_keeping",
 ]
 
 
@@ -392,44 +394,137 @@ class SafeguardResult:
         return "rejected_fit" in self.fired
 
 
-def apply_safeguards(prev: torch.Tensor, fit: QuadraticFit, guards: Safeguards, n_accepted: int = 0) -> SafeguardResult:
+def negligible_groups(points: torch.Tensor, fit: QuadraticFit, noise: float) -> torch.Tensor:
+    """Groups whose fitted effect on the loss over the design is at round-off level: they do not move.
+
+    A group with no gradient (a frozen branch, LoRA's A while B = 0, an unused expert) leaves the probe losses
+    unchanged, so its b_k and A_kk are least-squares round-off that can pass any sign test. Its largest
+    effect over the design, in the fit's coordinates x with reach r_k = max_j |x_jk|,
+
+        effect_k = |b_k| r_k + 1/2 sum_j |A_kj| r_k r_j,
+
+    is compared with ``noise``, the round-off of one loss evaluation (a few ulps of the largest loss).
+
+    Example:
+        >>> import torch
+        >>> points = axial_design(2)
+        >>> losses = 1.0 - points[:, 0] + 0.5 * points[:, 0] ** 2  # group 1 changes nothing
+        >>> negligible_groups(points, fit_quadratic(points, losses), noise=1e-12).tolist()
+        [False, True]
+    """
+    reach = points.to(torch.float64).abs().amax(dim=0)
+    effect = fit.b.abs() * reach + 0.5 * (fit.A.abs() @ reach) * reach
+    return ~(effect > noise)  # NaN effects count as negligible only through the non-finite rejection
+
+
+def apply_safeguards(
+    prev: torch.Tensor,
+    fit: QuadraticFit,
+    guards: Safeguards,
+    n_accepted: int = 0,
+    dead: torch.Tensor | None = None,
+) -> SafeguardResult:
     """Turn a fit (in learning-rate coordinates) into new learning rates, starting from ``prev``.
 
-    ``n_accepted`` is the number of fits accepted before this one (for the smoothing's bias correction).
+    ``n_accepted`` is the number of fits accepted before this one (for the smoothing's bias correction);
+    ``dead`` marks groups that did not move (see :func:`negligible_groups`): they keep their rate and stay
+    out of the solve.
 
-    Order: reject the fit (non-finite, R^2) -> solve (full falls back to diag when A is not PD) ->
-    per-group keep on non-convex / non-descent -> trust region -> smoothing -> absolute bounds.
+    Order: reject the fit (non-finite, R^2) -> solve (full: with the kept groups fixed, falling back to diag
+    when A is not positive definite) -> per-group keep on non-convex / non-descent -> trust region ->
+    smoothing -> absolute bounds -> in full mode, keep ``prev`` if the model predicts no gain over it.
+
+    Example (full mode, one group does not descend; re-solving with it fixed beats keeping both):
+        >>> import torch
+        >>> A = torch.tensor([[1.0, 0.9], [0.9, 1.0]], dtype=torch.float64)
+        >>> b = torch.tensor([1.0, 0.5], dtype=torch.float64)
+        >>> fit = QuadraticFit("full", 0.0, b, A, 1.0, torch.zeros(6), 6)
+        >>> result = apply_safeguards(torch.ones(2, dtype=torch.float64), fit, Safeguards())
+        >>> [round(x, 6) for x in result.lrs.tolist()], result.fired
+        ([0.1, 1.0], {'nondescent': [1]})
     """
     prev = prev.to(torch.float64)
     k = prev.numel()
     all_groups = list(range(k))
     fired: dict[str, list[int]] = {}
     nan = torch.full_like(prev, math.nan)
+    dead = torch.zeros(k, dtype=torch.bool) if dead is None else dead.to(torch.bool)
 
     if not fit.is_finite:
         return SafeguardResult(prev.clone(), nan, {"rejected_fit": all_groups, "nonfinite": all_groups}, fit.mode)
     if guards.min_r2 is not None and not fit.r2 >= guards.min_r2:
         return SafeguardResult(prev.clone(), nan, {"rejected_fit": all_groups, "low_r2": all_groups}, fit.mode)
+    _record(fired, "dead", dead)
 
     used_mode = fit.mode
-    proposed = solve(fit)
-    if fit.mode == "full" and not torch.isfinite(proposed).all():
-        fired["nonconvex_full"] = all_groups
-        if guards.full_fallback_diag:
-            used_mode = "diag"
-            proposed = solve(fit, "diag")
-
-    new = proposed.clone()
-    nonconvex = ~torch.isfinite(proposed)
-    if used_mode == "diag":
-        nondescent = (fit.b <= 0) & ~nonconvex
-    else:
-        nondescent = (proposed <= 0) & ~nonconvex
-    new[nonconvex] = prev[nonconvex]
-    new[nondescent] = prev[nondescent] * guards.nondescent_shrink
-    _record(fired, "nonconvex", nonconvex)
+    proposed = solve(fit)  # the unconstrained minimiser, recorded as the proposal
+    proposed[dead] = math.nan
+    new = None
+    if fit.mode == "full":
+        new, nondescent = solve_keeping(fit, prev, dead, guards.nondescent_shrink)
+        if new is None:
+            fired["nonconvex_full"] = torch.nonzero(~dead).flatten().tolist()
+            if guards.full_fallback_diag:
+                used_mode = "diag"
+                proposed = solve(fit, "diag")
+                proposed[dead] = math.nan
+            else:
+                new, nondescent = prev.clone(), torch.zeros(k, dtype=torch.bool)
+                _record(fired, "nonconvex", ~dead)
+    if new is None:  # diag: each group on its own axis
+        new = proposed.clone()
+        nonconvex = ~torch.isfinite(proposed) & ~dead
+        nondescent = (fit.b <= 0) & ~nonconvex & ~dead
+        new[nonconvex | dead] = prev[nonconvex | dead]
+        new[nondescent] = prev[nondescent] * guards.nondescent_shrink
+        _record(fired, "nonconvex", nonconvex)
     _record(fired, "nondescent", nondescent)
-    return SafeguardResult(limit_rates(prev, new, guards, n_accepted, fired), proposed, fired, used_mode)
+    new = limit_rates(prev, new, guards, n_accepted, fired)
+    new[dead] = prev[dead]  # exactly: smoothing's s * prev + (1 - s) * prev may round
+    if used_mode == "full" and float(fit.predict(new.unsqueeze(0))[0]) > float(fit.predict(prev.unsqueeze(0))[0]):
+        # The trust region clips coordinates independently; with strong cross terms that can cost more
+        # than it gains. Never choose rates the model itself predicts to be worse than the current ones.
+        new = prev.clone()
+        fired["no_predicted_gain"] = all_groups
+    return SafeguardResult(new, proposed, fired, used_mode)
+
+
+def solve_keeping(
+    fit: QuadraticFit, prev: torch.Tensor, kept: torch.Tensor, shrink: float = 1.0
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Full model minimised over the free groups, the ``kept`` ones fixed at ``prev``; a small active set.
+
+    With F the free and C the fixed groups, the minimiser of L0 - b^T eta + 1/2 eta^T A eta over eta_F is
+
+        eta_F = A_FF^{-1} (b_F - A_FC eta_C).
+
+    Groups whose solution is <= 0 (their direction does not descend once the others move) join the fixed
+    set at ``prev * shrink`` and the rest is solved again. Returns (rates, non-descending groups), or
+    (None, ...) when A_FF is not positive definite.
+    """
+    k = prev.numel()
+    value = prev.clone()
+    kept = kept.clone()
+    nondescent = torch.zeros(k, dtype=torch.bool)
+    for _ in range(k):
+        free = ~kept
+        if not free.any():
+            break
+        a_ff = fit.A[free][:, free]
+        rhs = fit.b[free] - fit.A[free][:, kept] @ value[kept]  # b_F - A_FC eta_C
+        chol, info = torch.linalg.cholesky_ex(a_ff)
+        if int(info) != 0:
+            return None, nondescent
+        eta_free = torch.cholesky_solve(rhs.unsqueeze(1), chol).squeeze(1)
+        bad = eta_free <= 0
+        if not bad.any():
+            value[free] = eta_free
+            break
+        newly = torch.nonzero(free).flatten()[bad]
+        nondescent[newly] = True
+        kept[newly] = True
+        value[newly] = prev[newly] * shrink
+    return value, nondescent
 
 
 def limit_rates(

@@ -41,6 +41,8 @@ __all__ = ["InnerSolver", "Refit", "multiplier_space", "refit_rates"]
 
 SamplerFactory = Callable[[dict[str, FloatDistribution]], optuna.samplers.BaseSampler]
 InnerSolver = Union[None, str, SamplerFactory]  # noqa: UP007 (a runtime alias)
+# (points, losses, fit in the points' coordinates) -> groups that did not move (see negligible_groups)
+DeadGroups = Callable[[torch.Tensor, torch.Tensor, QuadraticFit], torch.Tensor]
 
 MULTIPLIER_RANGE = (0.25, 4.0)
 
@@ -75,6 +77,7 @@ def refit_rates(
     guards: Safeguards,
     n_accepted: int,
     inner: InnerSolver = None,
+    dead: DeadGroups | None = None,
 ) -> Refit:
     """Probe, fit or pick, and safeguard: the new base rates of one refit.
 
@@ -82,14 +85,25 @@ def refit_rates(
         design: the Hi-DLR probe design (P, K), multipliers of ``eta0``; its size is the probe budget.
         evaluate: losses at probe points given as multipliers of ``eta0`` (forward only).
         eta0: the current base rates.
+        dead: finds the groups that did not move; they keep their rate and stay out of the solve.
     """
     if inner is None:
         losses = evaluate(design)
-        fit = fit_quadratic(design, losses, mode).rescale(eta0)
-        return Refit(design, losses, fit, apply_safeguards(eta0, fit, guards, n_accepted))
+        fit_x = fit_quadratic(design, losses, mode)
+        return _safeguarded(design, losses, fit_x, eta0, guards, n_accepted, dead)
     if inner == "hidlr":
-        return _with_hidlr_sampler(design, evaluate, eta0, mode, guards, n_accepted)
-    return _with_optuna_sampler(inner, design.shape[0], evaluate, eta0, mode, guards, n_accepted)  # type: ignore[arg-type]
+        return _with_hidlr_sampler(design, evaluate, eta0, mode, guards, n_accepted, dead)
+    return _with_optuna_sampler(inner, design.shape[0], evaluate, eta0, mode, guards, n_accepted, dead)  # type: ignore[arg-type]
+
+
+def _dead_mask(points, losses, fit_x: QuadraticFit, dead: DeadGroups | None) -> torch.Tensor | None:
+    return dead(points, losses, fit_x) if dead is not None and fit_x.is_finite else None
+
+
+def _safeguarded(points, losses, fit_x: QuadraticFit, eta0, guards, n_accepted, dead) -> Refit:
+    fit = fit_x.rescale(eta0)
+    mask = _dead_mask(points, losses, fit_x, dead)
+    return Refit(points, losses, fit, apply_safeguards(eta0, fit, guards, n_accepted, mask))
 
 
 def _ask_tell(
@@ -107,7 +121,7 @@ def _ask_tell(
     return study, points, losses
 
 
-def _with_hidlr_sampler(design, evaluate, eta0, mode, guards, n_accepted) -> Refit:
+def _with_hidlr_sampler(design, evaluate, eta0, mode, guards, n_accepted, dead) -> Refit:
     # A box twice the design's reach, with the sampler's radius a quarter of it: its design points are
     # then exactly the multipliers of the fast path's design.
     reach = float(design.abs().max())
@@ -115,22 +129,24 @@ def _with_hidlr_sampler(design, evaluate, eta0, mode, guards, n_accepted) -> Ref
     sampler = HiDLRSampler(search_space=space, mode=mode, design=design / reach, radius=0.25)
     study, points, losses = _ask_tell(sampler, space, design.shape[0], evaluate)
     try:
-        fit = sampler.fit(study).rescale(eta0)
+        fit_x = sampler.fit(study)
     except ValueError:  # failed probes left too few points for the model: reject like a NaN fit
-        fit = _nan_fit(mode, len(eta0), len(points))
-    return Refit(points, losses, fit, apply_safeguards(eta0, fit, guards, n_accepted))
+        fit_x = _nan_fit(mode, len(eta0), len(points))
+    return _safeguarded(points, losses, fit_x, eta0, guards, n_accepted, dead)
 
 
-def _with_optuna_sampler(factory, n, evaluate, eta0, mode, guards, n_accepted) -> Refit:
+def _with_optuna_sampler(factory, n, evaluate, eta0, mode, guards, n_accepted, dead) -> Refit:
     space = multiplier_space(len(eta0))
     study, points, losses = _ask_tell(factory(space), space, n, evaluate)
     finite = torch.isfinite(losses)
     # The quadratic is fitted for diagnostics only (b, A, influence in the history).
-    fit = (
-        fit_quadratic(points, losses, mode).rescale(eta0)
+    fit_x = (
+        fit_quadratic(points, losses, mode)
         if finite.all() and len(points) >= n_unknowns(len(eta0), mode)
         else _nan_fit(mode, len(eta0), len(points))
     )
+    fit = fit_x.rescale(eta0)
+    mask = _dead_mask(points, losses, fit_x, dead)
     k = len(eta0)
     if not finite.any():
         every = list(range(k))
@@ -142,6 +158,9 @@ def _with_optuna_sampler(factory, n, evaluate, eta0, mode, guards, n_accepted) -
     proposed = eta0 * best
     fired: dict[str, list[int]] = {}
     lrs = limit_rates(eta0, proposed, guards, n_accepted, fired)
+    if mask is not None and mask.any():  # the loss does not depend on these groups: any probe was "best"
+        lrs[mask] = eta0[mask]
+        fired["dead"] = torch.nonzero(mask).flatten().tolist()
     return Refit(points, losses, fit, SafeguardResult(lrs, proposed, fired, "best-probe"))
 
 

@@ -19,15 +19,18 @@ Two paths give the same losses:
 - **sequential**: writes each probe point into the live parameters and restores them afterwards from a
   saved copy (``copy_``, never add-and-subtract).
 
-Either way every parameter is bit-identical after probing, even when a loss raises or is NaN. Probes run
-under ``torch.no_grad()`` and, by default, with the model in eval mode (no dropout noise between probes, no
-batch-norm statistics updated); the mode is restored.
+Either way probing leaves no trace: every parameter is bit-identical afterwards, even when a loss raises or
+is NaN; each sub-module gets back its own ``training`` flag (a BatchNorm the user froze with ``.eval()``
+stays frozen); buffers such as BatchNorm running statistics are restored; and the global random state is
+forked, so probes draw no numbers from the training run's stream. Probes run under ``torch.no_grad()`` and,
+by default, with the model in eval mode (no dropout noise between probes, no batch-norm statistics updated).
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -68,6 +71,7 @@ class Prober:
         self.batched = batched
         self.memory_budget = memory_budget
         self.fallback_reason: str | None = None  # why the batched path gave up, if it did
+        self.loss_dtype: torch.dtype | None = None  # dtype of the last losses (their round-off level)
         names = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
         self._names = [[names[id(p)] for p in group] for group in self.groups] if batched else []
         self._point_bytes = sum(p.numel() * p.element_size() for group in self.groups for p in group)
@@ -102,22 +106,38 @@ class Prober:
                     stacklevel=2,
                 )
         end = self.snapshot()  # w(t+1): the live values, restored bit-for-bit at the end
-        was_training = self.model.training
         values = []
         try:
-            if self.eval_mode:
-                self.model.eval()
-            for row in coeffs.tolist():
-                for group, g_start, g_end, c in zip(self.groups, start, end, row, strict=True):
-                    for p, s, e in zip(group, g_start, g_end, strict=True):
-                        torch.lerp(s, e, c, out=p)  # w(c) = w(t) + c * (w(t+1) - w(t))
-                loss = self.loss_fn(self.model, batch)
-                values.append(loss.detach().reshape(()))
+            with self._no_trace():
+                for row in coeffs.tolist():
+                    for group, g_start, g_end, c in zip(self.groups, start, end, row, strict=True):
+                        for p, s, e in zip(group, g_start, g_end, strict=True):
+                            torch.lerp(s, e, c, out=p)  # w(c) = w(t) + c * (w(t+1) - w(t))
+                    values.append(_scalar_loss(self.loss_fn(self.model, batch)))
         finally:
             self.restore(end)
-            self.model.train(was_training)
         # One device-to-host transfer for the whole design, not one per probe.
-        return torch.stack(values).to(device="cpu", dtype=torch.float64)
+        stacked = torch.stack(values)
+        self.loss_dtype = stacked.dtype
+        return stacked.to(device="cpu", dtype=torch.float64)
+
+    @contextlib.contextmanager
+    def _no_trace(self) -> Iterator[None]:
+        """Eval mode if asked; afterwards every module's own mode, the buffers and the random state as before."""
+        modes = [(module, module.training) for module in self.model.modules()]
+        buffers = [] if self.eval_mode else [(b, b.detach().clone()) for b in self.model.buffers()]
+        devices = sorted({p.device.index or 0 for group in self.groups for p in group if p.device.type == "cuda"})
+        with torch.random.fork_rng(devices=devices):
+            try:
+                if self.eval_mode:
+                    self.model.eval()
+                yield
+            finally:
+                for module, training in modes:
+                    module.training = training  # not train(): that would reset every sub-module too
+                with torch.no_grad():
+                    for live, saved in buffers:
+                        live.copy_(saved)
 
     def _losses_batched(
         self, batch: Any, start: Sequence[Sequence[torch.Tensor]], coeffs: torch.Tensor
@@ -134,17 +154,20 @@ class Prober:
             for k, (group, g_start, g_names) in enumerate(zip(self.groups, start, self._names, strict=True)):
                 for p, s, name in zip(group, g_start, g_names, strict=True):
                     params[f"model.{name}"] = _lerp(s, p.detach(), c[k])  # w(t) + c_k (w(t+1) - w(t))
-            return torch.func.functional_call(wrapper, params, (batch,)).reshape(())
+            return _scalar_loss(torch.func.functional_call(wrapper, params, (batch,)))
 
-        was_training = self.model.training
-        try:
-            if self.eval_mode:
-                self.model.eval()
-            with torch.no_grad():
-                losses = torch.func.vmap(loss_at, chunk_size=min(chunk, coeffs.shape[0]))(coeffs)
-        finally:
-            self.model.train(was_training)
+        with self._no_trace(), torch.no_grad():
+            losses = torch.func.vmap(loss_at, chunk_size=min(chunk, coeffs.shape[0]))(coeffs)
+        self.loss_dtype = losses.dtype
         return losses.to(device="cpu", dtype=torch.float64)
+
+
+def _scalar_loss(loss: Any) -> torch.Tensor:
+    """The probe's loss as a 0-d tensor, or a clear error naming what loss_fn returned instead."""
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        what = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise TypeError(f"loss_fn(model, batch) must return a scalar tensor (one loss), got {what}")
+    return loss.detach().reshape(())
 
 
 def _lerp(start: torch.Tensor, end: torch.Tensor, c: torch.Tensor) -> torch.Tensor:

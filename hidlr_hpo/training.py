@@ -106,8 +106,9 @@ def train(
         lr: the starting learning rate of every group, or one per group (in the grouping's order).
         optimizer: a name from :data:`~hidlr_hpo.baselines.OPTIMIZERS` ("adamw", "adamw-sage", "prodigy", ...)
             or a factory ``fn(param_groups, lr=...)``; ``optimizer_options`` are its other keyword arguments.
-        schedule: "constant", "linear" or "cosine" (multiplies the rates; not with ``hidlr``), after a linear
-            warm-up over the fraction ``warmup`` of the steps.
+        schedule: "constant", "linear" or "cosine" (multiplies the rates), after a linear warm-up over the
+            fraction ``warmup`` of the steps. With ``hidlr`` the schedule gives the shape over time and Hi-DLR
+            fits a multiplier per group on top of it.
         hidlr: keyword arguments of :class:`HiDLR` to tune the rates online; None trains at fixed ``lr``.
             ``horizon=True`` is replaced by the planned number of steps, ``horizon=False`` by None.
         probe: the probe batch: ``"train"`` (the batch just trained on) or ``"heldout"`` (a random
@@ -151,10 +152,6 @@ def train(
             "slope='gradient' takes b from the training batch's gradient: it needs probe='train' (the batch just "
             f"trained on), not probe={probe!r}"
         )
-    if hidlr is not None and (schedule != "constant" or warmup > 0):
-        raise ValueError(
-            f"Hi-DLR sets the learning rates itself; use schedule='constant' and warmup=0 with it, not {schedule!r}"
-        )
     set_eval_mode(opt, False)  # Schedule-Free starts in train mode
     scheduler = None  # constant: no scheduler at all, so nothing overrides Hi-DLR's rates
     if schedule != "constant" or warmup > 0:
@@ -194,8 +191,8 @@ def train(
                         on_refit(controller.history[-1], 3.0 * examples_trained + probe_examples, names)
                         callback_seconds += time.perf_counter() - t0
             if scheduler is not None:
-                step_lrs = [float(g["lr"]) for g in opt.param_groups]  # the rates this step used
-                step_effective = [_effective_lr(g) for g in opt.param_groups]
+                step_lrs = _step_lrs(opt, controller)  # the rates this step used
+                step_effective = [_effective_lr(g) for g in opt.param_groups] if controller is None else step_lrs
                 scheduler.step()
             opt.zero_grad(set_to_none=True)
             result.steps += 1
@@ -208,9 +205,9 @@ def train(
             running / seen,
             val_loss,
             val_acc,
-            step_lrs if scheduler is not None else [float(g["lr"]) for g in opt.param_groups],
+            step_lrs if scheduler is not None else _step_lrs(opt, controller),
             3.0 * examples_trained + probe_examples,
-            step_effective if scheduler is not None else [_effective_lr(g) for g in opt.param_groups],
+            step_effective if scheduler is not None else _effective_lrs(opt, controller),
             result.steps,
             names,
         )
@@ -229,6 +226,15 @@ def train(
     diagnostics = controller.diagnostic_seconds if controller is not None else 0.0
     result.wall_seconds = time.perf_counter() - start - callback_seconds - diagnostics
     return result
+
+
+def _step_lrs(opt: torch.optim.Optimizer, controller: HiDLR | None) -> list[float]:
+    """The rates the last step used: Hi-DLR's (the scheduled lr times its multipliers) or the groups' own."""
+    return controller.lrs() if controller is not None else [float(g["lr"]) for g in opt.param_groups]
+
+
+def _effective_lrs(opt: torch.optim.Optimizer, controller: HiDLR | None) -> list[float]:
+    return controller.lrs() if controller is not None else [_effective_lr(g) for g in opt.param_groups]
 
 
 def _effective_lr(group: dict[str, Any]) -> float:

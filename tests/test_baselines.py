@@ -204,7 +204,7 @@ def test_gen_preset_recovers_the_analytic_rate_on_a_quadratic():
     g = model.weight.grad.flatten().clone()
     gen.step((x, y))
     hessian = x.T @ x / len(x)
-    assert opt.param_groups[0]["lr"] == pytest.approx(float(g @ g / (g @ hessian @ g)), rel=1e-9)
+    assert gen.lrs()[0] == pytest.approx(float(g @ g / (g @ hessian @ g)), rel=1e-9)
 
 
 @pytest.mark.parametrize("name", ["constant", "linear", "cosine"])

@@ -52,6 +52,14 @@ def clone_with_grads(model, opt):
 
 def analytic_rates(model, opt, probe_batch, mode):
     """eta* from the closed-form gradient and Hessian of the MSE and the optimizer's actual direction."""
+    b, A, before, d = analytic_model(model, opt, probe_batch)
+    if mode == "diag":
+        return b / torch.diagonal(A), before, d
+    return torch.linalg.solve(A, b), before, d
+
+
+def analytic_model(model, opt, probe_batch):
+    """b_k = G_k^T d_k and A_kj = d_k^T H d_j in learning-rate units, w(t) and the directions d_k."""
     m2, o2 = clone_with_grads(model, opt)
     before = flat(m2)
     o2.step()
@@ -70,9 +78,7 @@ def analytic_rates(model, opt, probe_batch, mode):
     H = 2.0 / n * x.T @ x  # its (constant) Hessian
     b = d @ G  # b_k = G_k^T d_k
     A = d @ H @ d.T  # A_kj = d_k^T H_kj d_j
-    if mode == "diag":
-        return b / torch.diagonal(A), before, d
-    return torch.linalg.solve(A, b), before, d
+    return b, A, before, d
 
 
 OPTIMIZERS = {
@@ -98,6 +104,7 @@ def test_one_refit_sets_the_analytic_rates(name, mode):
         opt.zero_grad()
     mse(model, train_batch).backward()
     expected, w_t, d = analytic_rates(model, opt, probe_batch, mode)
+    b, A, _, _ = analytic_model(model, opt, probe_batch)
     prev = torch.tensor([g["lr"] for g in opt.param_groups])
 
     hidlr = HiDLR(opt, model, mse, interval=1, mode=mode, **RAW)
@@ -105,9 +112,13 @@ def test_one_refit_sets_the_analytic_rates(name, mode):
     fit = hidlr.last_fit
     assert fit.r2 == pytest.approx(1.0)
     torch.testing.assert_close(torch.tensor(fit.proposed), expected, rtol=1e-7, atol=0)
-    # Raw maths: the rate is the model's minimiser where it descends, and the previous rate where it does not.
+    # Raw maths: the rate is the model's minimiser where it descends, and the previous rate where it does not;
+    # in full mode the other group is then re-solved with that one fixed: eta_f = (b_f - A_fc eta_c) / A_ff.
     descends = expected > 0
     applied = torch.where(descends, expected, prev)
+    if mode == "full" and descends.sum() == 1:
+        f, c = int(descends.nonzero()), int((~descends).nonzero())
+        applied[f] = (b[f] - A[f, c] * prev[c]) / A[f, f]
     torch.testing.assert_close(torch.tensor(hidlr.lrs()), applied, rtol=1e-7, atol=0)
     assert fit.fired == ({} if descends.all() else {"nondescent": torch.nonzero(~descends).flatten().tolist()})
     # The step just taken is the optimizer's step with the new rates: w(t+1) = w(t) - sum_k eta_k d_k.
@@ -137,7 +148,7 @@ def test_optimizer_state_advances_once_per_step():
     batch = least_squares_batch()
     for _ in range(5):
         mse(model, batch).backward()
-        hidlr.step(batch)
+        hidlr.step(batch if hidlr.refit_due else None)
         opt.zero_grad()
     assert len(hidlr.history) == 3  # steps 0, 2, 4
     for p in model.parameters():
@@ -166,7 +177,7 @@ def run(steps, model, opt, hidlr, data):
     for t in range(steps):
         batch = data[t % len(data)]
         mse(model, batch).backward()
-        hidlr.step(data[(t + 1) % len(data)])
+        hidlr.step(data[(t + 1) % len(data)] if hidlr.refit_due else None)
         opt.zero_grad()
 
 
@@ -195,7 +206,7 @@ def test_state_dict_round_trip_reproduces_the_trajectory():
     h2.load_state_dict(saved["hidlr"])
     for t in range(10, 20):  # continue where the first run stopped
         mse(m2, data[t % 4]).backward()
-        h2.step(data[(t + 1) % 4])
+        h2.step(data[(t + 1) % 4] if h2.refit_due else None)
         o2.zero_grad()
 
     for p, q in zip(model.parameters(), m2.parameters(), strict=True):
@@ -253,7 +264,7 @@ def test_optuna_ask_and_tell_with_hidlr_sampler_gives_the_fast_path_rates(mode, 
         run_steps = 8
         for t in range(run_steps):
             mse(model, data[t % 3]).backward()
-            hidlr.step(data[(t + 1) % 3])
+            hidlr.step(data[(t + 1) % 3] if hidlr.refit_due else None)
             opt.zero_grad()
         return hidlr
 
@@ -325,7 +336,7 @@ def test_measure_realised_changes_nothing_and_matches_the_model_on_a_quadratic()
         hidlr = HiDLR(opt, model, loss_fn, interval=3, mode="full", measure_realised=measure)  # exact model
         for _ in range(9):
             loss_fn(model, (x, y)).backward()
-            hidlr.step((x, y))
+            hidlr.step((x, y) if hidlr.refit_due else None)
             opt.zero_grad()
         runs.append((model, hidlr))
     (plain_model, plain), (measured_model, measured) = runs
@@ -351,7 +362,7 @@ def test_batched_probes_give_the_same_trajectory_as_sequential():
         hidlr = HiDLR(opt, model, loss_fn, interval=2, mode="full", batched_probes=batched)
         for _ in range(8):
             loss_fn(model, (x, y)).backward()
-            hidlr.step((x, y))
+            hidlr.step((x, y) if hidlr.refit_due else None)
             opt.zero_grad()
         runs.append((model, hidlr))
     (seq_model, seq), (bat_model, bat) = runs

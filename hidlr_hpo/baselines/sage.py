@@ -52,6 +52,9 @@ def _check(lr: float, betas: tuple[float, float], beta3: float, eps: float, weig
 
 
 class _SAGEBase(torch.optim.Optimizer):
+    # The step is linear in lr and the sensitivity state does not depend on it (tests/test_rate_linear.py).
+    hidlr_rate_linear = True
+
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
@@ -157,6 +160,11 @@ class AdamWSAGE(_SAGEBase):
         weight_decay: decoupled weight decay, theta <- theta - eta * wd * theta after the step.
         sensitivity_eps: epsilon of the sensitivity ratio (None: ``eps ** 2``, as in the reference code).
     """
+
+    @property
+    def hidlr_rate_linear(self) -> bool:  # type: ignore[override]
+        # theta (1 - eta wd) after a step of -eta u makes the update quadratic in eta when wd > 0.
+        return all(group["weight_decay"] == 0.0 for group in self.param_groups)
 
     def _update(
         self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]
