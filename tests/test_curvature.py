@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hidlr_hpo.curvature import (
+    QuadraticFit,
     Safeguards,
     apply_safeguards,
     axial_design,
@@ -231,3 +232,41 @@ def test_influence_is_predicted_decrease_per_parameter():
 def test_safeguard_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Safeguards(**kwargs)
+
+
+def test_full_mode_partial_nondescent_re_solves_with_the_kept_group_fixed():
+    """The issue's case: A^-1 b = (2.89, -2.11); keeping group 2 and moving group 1 to 2.89 would be worse
+    (+3.90) than keeping both (+0.40). With group 2 fixed at 1 the best group 1 is b_1 - A_12 = 0.1."""
+    A = torch.tensor([[1.0, 0.9], [0.9, 1.0]])
+    b = torch.tensor([1.0, 0.5])
+    fit = QuadraticFit("full", 0.0, b, A, 1.0, torch.zeros(6), 6)
+    prev = torch.ones(2)
+    result = apply_safeguards(prev, fit, Safeguards())
+    assert result.lrs.tolist() == pytest.approx([0.1, 1.0])
+    assert result.fired == {"nondescent": [1]}
+    assert float(fit.predict(result.lrs[None])[0]) == pytest.approx(-0.005)
+    assert float(fit.predict(prev[None])[0]) == pytest.approx(0.4)
+
+
+def test_full_mode_never_chooses_rates_the_model_predicts_worse_than_the_current_ones():
+    gen = torch.Generator().manual_seed(0)
+    guard_sets = [
+        Safeguards(),
+        Safeguards(trust_ratio=2.0, smoothing=0.9),
+        Safeguards(trust_ratio=1.5, nondescent_shrink=0.5),
+        Safeguards(trust_ratio=4.0, smoothing=0.5, smooth_decreases=False, log_smoothing=True),
+    ]
+    worse = 0
+    for trial in range(400):
+        k = 2 + trial % 4
+        m = torch.randn(k, k, generator=gen)
+        A = m @ m.T + 0.05 * torch.eye(k)  # positive definite, often strongly coupled
+        b = torch.randn(k, generator=gen)
+        prev = torch.rand(k, generator=gen) + 0.1
+        fit = QuadraticFit("full", 0.0, b, A, 1.0, torch.zeros(1), 1)
+        result = apply_safeguards(prev, fit, guard_sets[trial % len(guard_sets)])
+        chosen, current = (float(fit.predict(x[None])[0]) for x in (result.lrs, prev))
+        assert chosen <= current + 1e-12
+        assert (result.lrs > 0).all()
+        worse += "no_predicted_gain" in result.fired
+    assert worse < 400  # the final check is a backstop, not the rule
