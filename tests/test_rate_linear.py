@@ -10,27 +10,27 @@ import torch
 from hidlr_hpo.baselines import AdamaxSAGE, AdamWSAGE
 from hidlr_hpo.rate_linear import is_rate_linear
 
-O = torch.optim
+optim = torch.optim
 ACCEPTED = {
-    "SGD": lambda p: O.SGD(p, lr=0.01, weight_decay=0.01),
-    "SGD-momentum": lambda p: O.SGD(p, lr=0.01, momentum=0.9, dampening=0.1, weight_decay=0.01),
-    "SGD-nesterov": lambda p: O.SGD(p, lr=0.01, momentum=0.9, nesterov=True),
-    "Adam": lambda p: O.Adam(p, lr=0.01, weight_decay=0.01),
-    "Adam-amsgrad": lambda p: O.Adam(p, lr=0.01, amsgrad=True),
-    "AdamW": lambda p: O.AdamW(p, lr=0.01, weight_decay=0.1),
-    "Adagrad": lambda p: O.Adagrad(p, lr=0.01, lr_decay=0.01, weight_decay=0.01),
-    "RMSprop": lambda p: O.RMSprop(p, lr=0.01, momentum=0.5, centered=True, weight_decay=0.01),
-    "Adamax": lambda p: O.Adamax(p, lr=0.01, weight_decay=0.01),
-    "NAdam": lambda p: O.NAdam(p, lr=0.01, weight_decay=0.01),
-    "NAdam-decoupled": lambda p: O.NAdam(p, lr=0.01, weight_decay=0.01, decoupled_weight_decay=True),
-    "RAdam": lambda p: O.RAdam(p, lr=0.01, weight_decay=0.01),
-    "Adadelta": lambda p: O.Adadelta(p, lr=0.5, weight_decay=0.01),
+    "SGD": lambda p: optim.SGD(p, lr=0.01, weight_decay=0.01),
+    "SGD-momentum": lambda p: optim.SGD(p, lr=0.01, momentum=0.9, dampening=0.1, weight_decay=0.01),
+    "SGD-nesterov": lambda p: optim.SGD(p, lr=0.01, momentum=0.9, nesterov=True),
+    "Adam": lambda p: optim.Adam(p, lr=0.01, weight_decay=0.01),
+    "Adam-amsgrad": lambda p: optim.Adam(p, lr=0.01, amsgrad=True),
+    "AdamW": lambda p: optim.AdamW(p, lr=0.01, weight_decay=0.1),
+    "Adagrad": lambda p: optim.Adagrad(p, lr=0.01, lr_decay=0.01, weight_decay=0.01),
+    "RMSprop": lambda p: optim.RMSprop(p, lr=0.01, momentum=0.5, centered=True, weight_decay=0.01),
+    "Adamax": lambda p: optim.Adamax(p, lr=0.01, weight_decay=0.01),
+    "NAdam": lambda p: optim.NAdam(p, lr=0.01, weight_decay=0.01),
+    "NAdam-decoupled": lambda p: optim.NAdam(p, lr=0.01, weight_decay=0.01, decoupled_weight_decay=True),
+    "RAdam": lambda p: optim.RAdam(p, lr=0.01, weight_decay=0.01),
+    "Adadelta": lambda p: optim.Adadelta(p, lr=0.5, weight_decay=0.01),
     "AdamaxSAGE": lambda p: AdamaxSAGE(p, lr=0.01, weight_decay=0.01),
     "AdamWSAGE-no-decay": lambda p: AdamWSAGE(p, lr=0.01),
 }
 NOT_LINEAR = {
-    "ASGD": lambda p: O.ASGD(p, lr=0.01, t0=0),
-    "Rprop": lambda p: O.Rprop(p, lr=0.01),
+    "ASGD": lambda p: optim.ASGD(p, lr=0.01, t0=0),
+    "Rprop": lambda p: optim.Rprop(p, lr=0.01),
     "AdamWSAGE-decay": lambda p: AdamWSAGE(p, lr=0.01, weight_decay=0.1),
 }
 
