@@ -60,7 +60,7 @@ def rescale_gap(make, steps=12):
         opt.step()
         with torch.no_grad():
             w.copy_(torch.lerp(start, w, c))  # HiDLR's rescale: w(t) + c (w(t+1) - w(t))
-        gap = max(gap, float((w - w2).abs().max()) / float(start.abs().max()))
+        gap = max(gap, float((w - w2).detach().abs().max()) / float(start.abs().max()))
         for key, value in opt.state[w].items():  # the state does not depend on the rate
             if isinstance(value, torch.Tensor) and value.numel() > 1:
                 torch.testing.assert_close(value, opt2.state[w2][key], rtol=1e-10, atol=1e-12, msg=key)
