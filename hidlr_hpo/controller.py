@@ -63,7 +63,9 @@ __all__ = ["HiDLR", "RefitRecord"]
 # Below this fraction of the planned horizon the steps are too small to probe reliably: stop refitting.
 _MIN_HORIZON_FACTOR_TO_REFIT = 0.1
 # A group's effect on the probe losses below this many ulps of the largest loss is round-off: it did not move.
-_NOISE_ULPS = 64
+# A truly dead group leaves the losses bitwise equal, so a few ulps suffice; 64 also caught live groups with a
+# tiny effect (a head at lr 1e-4 on the multi-task study), which then could never grow their rate.
+_NOISE_ULPS = 8
 # A gradient changed by more than this relative amount between backward and step was clipped or rescaled.
 _GRAD_CHANGE_TOL = 1e-6
 

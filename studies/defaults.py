@@ -70,6 +70,15 @@ VARIANTS: dict[str, dict] = {
     "held-out probe, smoothing of increases only, + horizon, halve on non-descent": dict(
         probe="heldout", hidlr=dict(FAST_DOWN, horizon=True, nondescent_shrink=0.5)
     ),
+    # Schedule-aware fitting: a torch LR schedule gives the shape over the run, Hi-DLR fits a multiplier per group
+    # on top of it (the group's rate is the scheduled lr times its multiplier; docs/method.md).
+    "held-out probe, cosine schedule x fitted multipliers": dict(
+        probe="heldout", schedule="cosine", hidlr=dict(GEN_LIKE)
+    ),
+    "held-out probe, 5% warm-up + cosine x fitted multipliers": dict(
+        probe="heldout", schedule="cosine", warmup=0.05, hidlr=dict(GEN_LIKE)
+    ),
+    "held-out probe, linear decay x fitted multipliers": dict(probe="heldout", schedule="linear", hidlr=dict(GEN_LIKE)),
     # The known-linear-term lever: b from the training gradient, K + 1 probes on the training batch.
     "train probe, gradient slope (K + 1 probes), + horizon": dict(
         probe="train", hidlr=dict(GEN_LIKE, horizon=True, slope="gradient")
@@ -90,6 +99,9 @@ def main() -> None:
     parser.add_argument(
         "--variants", action="store_true", help="sweep the short-horizon remedies, not only the chosen defaults"
     )
+    parser.add_argument(
+        "--cosine-grid", action="store_true", help="also the 8-value grid over a cosine schedule's peak"
+    )
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=UserWarning)
     torch.set_num_threads(1)
@@ -104,18 +116,23 @@ def main() -> None:
             parser.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
         configs = {c: VARIANTS[c] for c in dict.fromkeys([*args.configs, CHOSEN])}
     out = args.out or Path(f"docs/results/defaults-{args.task}.md")
-    jobs = (len(GRID) + len(configs) * len(STARTS)) * len(seeds)
+    jobs = ((1 + args.cosine_grid) * len(GRID) + len(configs) * len(STARTS)) * len(seeds)
     grid: dict[float, list[TrainResult]] = {}
+    cosine_grid: dict[float, list[TrainResult]] = {}
     swept: dict[str, dict[float, list[TrainResult]]] = {}
     with Progress() as progress:
         bar = progress.add_task("runs", total=jobs)
         for lr in GRID:
             grid[lr] = [train(task, lr=lr, epochs=args.epochs, seed=s) for s in seeds]
             progress.advance(bar, len(seeds))
+        for lr in GRID if args.cosine_grid else ():
+            cosine_grid[lr] = [train(task, lr=lr, epochs=args.epochs, seed=s, schedule="cosine") for s in seeds]
+            progress.advance(bar, len(seeds))
         for label, spec in configs.items():
+            schedule = {"schedule": spec.get("schedule", "constant"), "warmup": spec.get("warmup", 0.0)}
             swept[label] = {
                 lr: [
-                    train(task, lr=lr, epochs=args.epochs, seed=s, hidlr=spec["hidlr"], probe=spec["probe"])
+                    train(task, lr=lr, epochs=args.epochs, seed=s, hidlr=spec["hidlr"], probe=spec["probe"], **schedule)
                     for s in seeds
                 ]
                 for lr in STARTS
@@ -128,6 +145,7 @@ def main() -> None:
     command = " ".join(
         ["python studies/defaults.py", f"--task {args.task}", f"--seeds {args.seeds}"]
         + (["--variants"] if args.variants else [])
+        + (["--cosine-grid"] if args.cosine_grid else [])
         + ([f"--configs {' '.join(repr(c) for c in args.configs)}"] if args.configs else [])
     )
     lines = [
@@ -149,6 +167,18 @@ def main() -> None:
         f"The whole grid costs {grid_compute / 1e3:,.0f}k forward-equivalents per seed.",
         "",
     ]
+    if cosine_grid:
+        best_cos = min(cosine_grid, key=lambda lr: statistics.mean(r.final_val_loss for r in cosine_grid[lr]))
+        lines += [
+            "## AdamW grid over the peak of a cosine schedule",
+            "",
+            HEADER,
+            *(
+                row(f"AdamW cosine, peak {lr:.2e}" + (" **(best)**" if lr == best_cos else ""), runs)
+                for lr, runs in cosine_grid.items()
+            ),
+            "",
+        ]
     if len(swept) > 1:
         lines += [
             "## Short-horizon remedies: final validation loss from each starting rate",
@@ -174,6 +204,7 @@ def main() -> None:
         "",
         HEADER,
         row(f"grid best: AdamW lr={best_lr:.2e}", grid[best_lr]),
+        *([row(f"cosine grid best: peak {best_cos:.2e}", cosine_grid[best_cos])] if cosine_grid else []),
         *(row(f"Hi-DLR from lr={lr:.0e}", runs) for lr, runs in swept[chosen].items()),
         "",
     ]
