@@ -38,6 +38,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+import weakref
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -51,10 +52,10 @@ from .curvature import (
     fit_curvature_known_slope,
     influence,
     make_design,
-    negligible_groups,
+    unchanged_groups,
 )
 from .groups import check_param_groups, group_names
-from .inner import InnerSolver, Refit, check_inner, refit_rates
+from .inner import InnerSolver, Refit, check_inner, rate_units, refit_rates
 from .probe import LossFn, Prober
 from .rate_linear import check_rate_linear
 
@@ -62,10 +63,6 @@ __all__ = ["HiDLR", "RefitRecord"]
 
 # Below this fraction of the planned horizon the steps are too small to probe reliably: stop refitting.
 _MIN_HORIZON_FACTOR_TO_REFIT = 0.1
-# A group's effect on the probe losses below this many ulps of the largest loss is round-off: it did not move.
-# A truly dead group leaves the losses bitwise equal, so a few ulps suffice; 64 also caught live groups with a
-# tiny effect (a head at lr 1e-4 on the multi-task study), which then could never grow their rate.
-_NOISE_ULPS = 8
 # A gradient changed by more than this relative amount between backward and step was clipped or rescaled.
 _GRAD_CHANGE_TOL = 1e-6
 
@@ -230,8 +227,8 @@ class HiDLR:
         model_params = {id(p) for p in model.parameters()}
         for name, group in zip(group_names(optimizer.param_groups), optimizer.param_groups, strict=True):
             lr = float(group["lr"])
-            if not (lr > 0 and math.isfinite(lr)):
-                raise ValueError(f"group {name!r} has lr={lr}; HiDLR needs a positive finite starting rate")
+            if not (lr >= 0 and math.isfinite(lr)):
+                raise ValueError(f"group {name!r} has lr={lr}; a learning rate must be finite and >= 0")
             if any(id(p) not in model_params for p in group["params"]):
                 raise ValueError(
                     f"group {name!r} holds parameters that are not in the model; loss_fn could not probe them"
@@ -271,9 +268,6 @@ class HiDLR:
         self._grad_sumsq: dict[int, torch.Tensor] = {}  # slope='gradient': |grad|^2 as backward left it
         if slope == "gradient":
             self._check_gradient_function()
-            for group in optimizer.param_groups:
-                for p in group["params"]:
-                    p.register_post_accumulate_grad_hook(self._record_grad)
 
         # Mutable state (all of it in state_dict()).
         self.multipliers = torch.ones(k, dtype=torch.float64)  # m_k: the rate is lr_k * m_k * h(t)
@@ -286,8 +280,10 @@ class HiDLR:
         self.probe_forwards = 0  # forward passes spent on probes
         self.diagnostic_forwards = 0  # forward passes spent measuring realised decreases
         self.diagnostic_seconds = 0.0  # and the time they took (not the method's cost)
-        self._last_applied = self._scheduled_lrs() * self._horizon_factor(0)
+        self._last_applied: torch.Tensor | None = None  # the rates the last step used
         self._warned: set[str] = set()
+        if slope == "gradient":  # last: nothing above can fail and leave a hook behind
+            self._hooks = _register_grad_hooks(self, [p for g in optimizer.param_groups for p in g["params"]])
 
     # ------------------------------------------------------------------------------------------------
     @property
@@ -312,6 +308,8 @@ class HiDLR:
 
     def lrs(self) -> list[float]:
         """The rates the last step used, per group (before any step: the rates the first will use)."""
+        if self._last_applied is None:
+            return (self.base_lrs * self._horizon_factor(self.step_count)).tolist()
         return self._last_applied.tolist()
 
     def _horizon_factor(self, t: int) -> float:
@@ -366,18 +364,25 @@ class HiDLR:
         refit = probe_batch is not None and due and bool((applied > 0).any())
         if refit and self.slope == "gradient":
             self._check_gradient_function()
-            self._check_gradient_unchanged()
+            if closure is None:
+                self._check_gradient_unchanged()
+            else:  # the gradient comes from the closure: check it as soon as the closure returns
+                closure = _checked_closure(closure, self._check_gradient_unchanged)
         start = self.prober.snapshot() if refit else None
         self._set_lrs(applied)
+        stepped = False
         try:
             loss = self.optimizer.step(closure)
+            stepped = True
+            self._last_applied = applied
             if start is not None:
-                applied = self._refit(probe_batch, start, scheduled, level, applied, factor)
+                self.next_refit = self.step_count + self.interval  # also if the probes raise (out of memory)
+                self._last_applied = self._refit(probe_batch, start, scheduled, level, applied, factor)
         finally:
             self._set_lrs(scheduled)  # the user's (scheduler's) own values, untouched
             self._grad_sumsq.clear()
-        self._last_applied = applied
-        self.step_count += 1
+            if stepped:  # the optimizer's state advanced: so does HiDLR's count, whatever the probes did
+                self.step_count += 1
         return loss
 
     def _refit(
@@ -404,21 +409,21 @@ class HiDLR:
             self.probe_forwards += points.shape[0]
             return losses
 
-        def dead(points: torch.Tensor, losses: torch.Tensor, fit_x: Any) -> torch.Tensor:
-            """Groups that did not move: no rate, or an effect on the losses at round-off level."""
-            eps = torch.finfo(self.prober.loss_dtype or torch.float32).eps
-            finite = losses[torch.isfinite(losses)]
-            noise = _NOISE_ULPS * eps * (float(finite.abs().max()) if finite.numel() else 0.0)
-            return negligible_groups(points, fit_x, noise) | ~moving
+        unmoved = ~moving | self._unmoved_groups(start)
+
+        def dead(points: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+            """Groups that did not move: rate 0, a zero update, or axis probes bitwise equal to the centre."""
+            return unmoved | unchanged_groups(points, losses)
 
         n_accepted = self.n_refits - self.n_rejected
         if self.slope == "gradient":
-            refit = self._refit_known_slope(start, evaluate, eta0, applied, n_accepted, dead)
+            refit = self._refit_known_slope(start, evaluate, eta0, applied, n_accepted, dead, factor)
         else:
-            refit = refit_rates(design, evaluate, eta0, self.mode, self.guards, n_accepted, self.inner, dead)
+            refit = refit_rates(
+                design, evaluate, eta0, self.mode, self.guards, n_accepted, self.inner, dead, applied_scale=factor
+            )
         fit, result, losses = refit.fit, refit.result, refit.losses
         self.n_refits += 1
-        self.next_refit = self.step_count + self.interval
         if not torch.isfinite(losses).all():
             self.n_nonfinite += 1
         if result.rejected:
@@ -469,6 +474,7 @@ class HiDLR:
         applied: torch.Tensor,
         n_accepted: int,
         dead: Any,
+        factor: float,
     ) -> Refit:
         """Diag refit with b from the gradient the step used and K + 1 probes (the centre and x = delta e_k)."""
         k = self.num_groups
@@ -486,16 +492,30 @@ class HiDLR:
         slopes = -torch.stack(dots).cpu() * torch.where(applied > 0, eta0 / applied.clamp_min(1e-300), 0.0)
         points = torch.cat([torch.zeros(1, k), self.delta * torch.eye(k)]).to(torch.float64)
         losses = evaluate(points)
-        fit_x = fit_curvature_known_slope(points[1:], losses[1:], float(losses[0]), slopes)
-        fit = fit_x.rescale(eta0)
-        still = dead(points, losses, fit_x) if fit.is_finite else None
-        return Refit(points, losses, fit, apply_safeguards(eta0, fit, self.guards, n_accepted, still))
+        fit = rate_units(fit_curvature_known_slope(points[1:], losses[1:], float(losses[0]), slopes), eta0)
+        result = apply_safeguards(eta0, fit, self.guards, n_accepted, dead(points, losses), factor)
+        return Refit(points, losses, fit, result)
+
+    def _unmoved_groups(self, start: list[list[torch.Tensor]]) -> torch.Tensor:
+        """Groups whose update u_k is exactly zero (no gradient, no decay)."""
+        return torch.tensor(
+            [
+                all(torch.equal(p, s) for p, s in zip(group, g_start, strict=True))
+                for group, g_start in zip(self.prober.groups, start, strict=True)
+            ]
+        )
 
     # ------------------------------------------------------------------------------------------------
     def _record_grad(self, p: torch.Tensor) -> None:
         """Post-accumulate-grad hook (slope='gradient'): |grad|^2 as backward left it, on refit steps only."""
         if self.refit_due and p.grad is not None:
             self._grad_sumsq[id(p)] = p.grad.detach().pow(2).sum(dtype=torch.float64)
+
+    def close(self) -> None:
+        """Remove the gradient hooks (slope='gradient'); also done when the HiDLR is garbage-collected."""
+        for handle in getattr(self, "_hooks", []):
+            handle.remove()
+        self._hooks = []
 
     def _check_gradient_unchanged(self) -> None:
         """slope='gradient' needs p.grad exactly as backward left it: refuse clipping and (un)scaling."""
@@ -572,14 +592,15 @@ class HiDLR:
             "delta": self.delta,
             "slope": self.slope,
             "eval_mode": self.eval_mode,
-            "safeguards": asdict(self.guards),
+            "inner": None if self.inner is None else ("hidlr" if self.inner == "hidlr" else "sampler factory"),
+            "safeguards": _plain(asdict(self.guards)),
         }
 
     def state_dict(self) -> dict[str, Any]:
         """HiDLR's own state. Like an LR scheduler's, it excludes the optimizer's: save both."""
         return {
             "multipliers": self.multipliers.tolist(),
-            "last_applied": self._last_applied.tolist(),
+            "last_applied": self.lrs(),
             "step_count": self.step_count,
             "next_refit": self.next_refit,
             "history": [asdict(r) for r in self.history],
@@ -601,7 +622,7 @@ class HiDLR:
         missing = [key for key in required if key not in state]
         if missing:
             raise ValueError(f"HiDLR state_dict is missing {missing}; was it saved by HiDLR.state_dict()?")
-        mine, saved = self.config(), state["config"]
+        mine, saved = self.config(), _plain(state["config"])
         if not isinstance(saved, dict) or saved != mine:
             differ = sorted(key for key in mine if not isinstance(saved, dict) or saved.get(key) != mine.get(key))
             detail = (
@@ -622,7 +643,12 @@ class HiDLR:
             isinstance(r, dict) and set(r) <= names for r in state["history"]
         ):
             raise ValueError("state_dict['history'] must be a list of RefitRecord dicts")
-        history = [RefitRecord(**r) for r in state["history"]]
+        try:
+            history = [RefitRecord(**r) for r in state["history"]]
+        except TypeError as exc:
+            raise ValueError(f"state_dict['history'] holds a malformed RefitRecord: {exc}") from exc
+        if self.history_size is not None:
+            history = history[-self.history_size :]
         generator = state["generator"]
         if not isinstance(generator, torch.Tensor) or generator.dtype != torch.uint8:
             raise ValueError("state_dict['generator'] must be a torch.Generator state (a uint8 tensor)")
@@ -638,6 +664,43 @@ class HiDLR:
     def __repr__(self) -> str:
         rates = ", ".join(f"{n}={lr:.3g}" for n, lr in zip(self.group_names, self.lrs(), strict=True))
         return f"HiDLR({type(self.optimizer).__name__}, mode={self.mode}, interval={self.interval}, lrs: {rates})"
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, recursively: a config compares alike after a JSON or torch.save round trip."""
+    if isinstance(value, dict):
+        return {key: _plain(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _checked_closure(closure: Any, check: Any) -> Any:
+    def checked() -> Any:
+        loss = closure()
+        check()  # before the optimizer uses the gradient the closure left
+        return loss
+
+    return checked
+
+
+def _register_grad_hooks(owner: HiDLR, params: list[torch.Tensor]) -> list[Any]:
+    """Post-accumulate-grad hooks that call ``owner._record_grad`` through a weak reference, removed with it."""
+    ref = weakref.ref(owner)
+
+    def hook(p: torch.Tensor) -> None:
+        live = ref()
+        if live is not None:
+            live._record_grad(p)
+
+    handles = [p.register_post_accumulate_grad_hook(hook) for p in params if p.requires_grad]
+    weakref.finalize(owner, _remove_all, handles)
+    return handles
+
+
+def _remove_all(handles: list[Any]) -> None:
+    for handle in handles:
+        handle.remove()
 
 
 def _float_vector(value: Any, k: int, name: str, positive: bool) -> torch.Tensor:

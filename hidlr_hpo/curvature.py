@@ -39,7 +39,7 @@ __all__ = [
     "limit_rates",
     "make_design",
     "n_unknowns",
-    "negligible_groups",
+    "unchanged_groups",
     "pairwise_design",
     "random_design",
     "solve",
@@ -373,6 +373,9 @@ class Safeguards:
         if not 0.0 <= self.smoothing < 1.0:
             raise ValueError(f"smoothing must be in [0, 1), got {self.smoothing}")
         if self.lr_bounds is not None:
+            if len(self.lr_bounds) != 2:
+                raise ValueError(f"lr_bounds must be (lr_min, lr_max), got {self.lr_bounds}")
+            object.__setattr__(self, "lr_bounds", tuple(float(v) for v in self.lr_bounds))  # a list compares alike
             lo, hi = self.lr_bounds
             if not (0.0 <= lo < hi):
                 raise ValueError(f"lr_bounds must be (lr_min, lr_max) with 0 <= lr_min < lr_max, got {self.lr_bounds}")
@@ -394,27 +397,34 @@ class SafeguardResult:
         return "rejected_fit" in self.fired
 
 
-def negligible_groups(points: torch.Tensor, fit: QuadraticFit, noise: float) -> torch.Tensor:
-    """Groups whose fitted effect on the loss over the design is at round-off level: they do not move.
+def unchanged_groups(points: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+    """Groups whose probes along their own axis leave the loss bitwise equal to the centre's: they do not move.
 
-    A group with no gradient (a frozen branch, LoRA's A while B = 0, an unused expert) leaves the probe losses
-    unchanged, so its b_k and A_kk are least-squares round-off that can pass any sign test. Its largest
-    effect over the design, in the fit's coordinates x with reach r_k = max_j |x_jk|,
-
-        effect_k = |b_k| r_k + 1/2 sum_j |A_kj| r_k r_j,
-
-    is compared with ``noise``, the round-off of one loss evaluation (a few ulps of the largest loss).
+    A group with no gradient (a frozen branch, LoRA's A while B = 0, an unused expert) changes no probe loss,
+    so its b_k and A_kk are least-squares round-off that can pass any sign test. The test is exact, not a
+    threshold: the design must hold the centre and at least one point on the group's axis (the axial,
+    pairwise and known-slope designs do; a random design does not, and then no group is flagged here).
 
     Example:
         >>> import torch
         >>> points = axial_design(2)
         >>> losses = 1.0 - points[:, 0] + 0.5 * points[:, 0] ** 2  # group 1 changes nothing
-        >>> negligible_groups(points, fit_quadratic(points, losses), noise=1e-12).tolist()
+        >>> unchanged_groups(points, losses).tolist()
         [False, True]
     """
-    reach = points.to(torch.float64).abs().amax(dim=0)
-    effect = fit.b.abs() * reach + 0.5 * (fit.A.abs() @ reach) * reach
-    return ~(effect > noise)  # NaN effects count as negligible only through the non-finite rejection
+    x = points.to(torch.float64)
+    y = losses.reshape(-1)
+    k = x.shape[1]
+    centre = (x == 0).all(dim=1)
+    flags = torch.zeros(k, dtype=torch.bool)
+    if not centre.any() or not torch.isfinite(y[centre]).all():
+        return flags
+    l0 = y[centre][0]
+    for j in range(k):
+        others = torch.cat([x[:, :j], x[:, j + 1 :]], dim=1)
+        on_axis = (others == 0).all(dim=1) & (x[:, j] != 0)
+        flags[j] = bool(on_axis.any()) and bool((y[on_axis] == l0).all())
+    return flags
 
 
 def apply_safeguards(
@@ -423,12 +433,14 @@ def apply_safeguards(
     guards: Safeguards,
     n_accepted: int = 0,
     dead: torch.Tensor | None = None,
+    applied_scale: float = 1.0,
 ) -> SafeguardResult:
     """Turn a fit (in learning-rate coordinates) into new learning rates, starting from ``prev``.
 
     ``n_accepted`` is the number of fits accepted before this one (for the smoothing's bias correction);
-    ``dead`` marks groups that did not move (see :func:`negligible_groups`): they keep their rate and stay
-    out of the solve.
+    ``dead`` marks groups that did not move (see :func:`unchanged_groups`): they keep their rate and stay
+    out of the solve. ``applied_scale`` is the factor between these rates and the rates the step uses (the
+    horizon factor): the final no-gain check compares the model at the rates actually applied.
 
     Order: reject the fit (non-finite, R^2) -> solve (full: with the kept groups fixed, falling back to diag
     when A is not positive definite) -> per-group keep on non-convex / non-descent -> trust region ->
@@ -480,8 +492,13 @@ def apply_safeguards(
         _record(fired, "nonconvex", nonconvex)
     _record(fired, "nondescent", nondescent)
     new = limit_rates(prev, new, guards, n_accepted, fired)
-    new[dead] = prev[dead]  # exactly: smoothing's s * prev + (1 - s) * prev may round
-    if used_mode == "full" and float(fit.predict(new.unsqueeze(0))[0]) > float(fit.predict(prev.unsqueeze(0))[0]):
+    new[dead] = prev[dead]  # exactly: smoothing's s * prev + (1 - s) * prev may round; bounds do not apply
+    for name in [n for n in fired if n != "dead"]:
+        fired[name] = [g for g in fired[name] if not dead[g]]
+        if not fired[name]:
+            del fired[name]
+    chosen, current = fit.predict(torch.stack([new, prev]) * applied_scale).tolist()
+    if used_mode == "full" and chosen > current:
         # The trust region clips coordinates independently; with strong cross terms that can cost more
         # than it gains. Never choose rates the model itself predicts to be worse than the current ones.
         new = prev.clone()

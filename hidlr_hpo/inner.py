@@ -41,8 +41,8 @@ __all__ = ["InnerSolver", "Refit", "multiplier_space", "refit_rates"]
 
 SamplerFactory = Callable[[dict[str, FloatDistribution]], optuna.samplers.BaseSampler]
 InnerSolver = Union[None, str, SamplerFactory]  # noqa: UP007 (a runtime alias)
-# (points, losses, fit in the points' coordinates) -> groups that did not move (see negligible_groups)
-DeadGroups = Callable[[torch.Tensor, torch.Tensor, QuadraticFit], torch.Tensor]
+# (points, losses) -> groups that did not move (see unchanged_groups)
+DeadGroups = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 MULTIPLIER_RANGE = (0.25, 4.0)
 
@@ -78,6 +78,7 @@ def refit_rates(
     n_accepted: int,
     inner: InnerSolver = None,
     dead: DeadGroups | None = None,
+    applied_scale: float = 1.0,
 ) -> Refit:
     """Probe, fit or pick, and safeguard: the new base rates of one refit.
 
@@ -86,24 +87,27 @@ def refit_rates(
         evaluate: losses at probe points given as multipliers of ``eta0`` (forward only).
         eta0: the current base rates.
         dead: finds the groups that did not move; they keep their rate and stay out of the solve.
+        applied_scale: the rates the step uses are these times this factor (the horizon's).
     """
+    dead = dead or (lambda points, losses: torch.zeros(points.shape[1], dtype=torch.bool))
     if inner is None:
         losses = evaluate(design)
         fit_x = fit_quadratic(design, losses, mode)
-        return _safeguarded(design, losses, fit_x, eta0, guards, n_accepted, dead)
+        return _safeguarded(design, losses, fit_x, eta0, guards, n_accepted, dead, applied_scale)
     if inner == "hidlr":
-        return _with_hidlr_sampler(design, evaluate, eta0, mode, guards, n_accepted, dead)
+        return _with_hidlr_sampler(design, evaluate, eta0, mode, guards, n_accepted, dead, applied_scale)
     return _with_optuna_sampler(inner, design.shape[0], evaluate, eta0, mode, guards, n_accepted, dead)  # type: ignore[arg-type]
 
 
-def _dead_mask(points, losses, fit_x: QuadraticFit, dead: DeadGroups | None) -> torch.Tensor | None:
-    return dead(points, losses, fit_x) if dead is not None and fit_x.is_finite else None
+def rate_units(fit_x: QuadraticFit, eta0: torch.Tensor) -> QuadraticFit:
+    """The fit in learning-rate units; a group at rate 0 did not move and keeps its multiplier units."""
+    return fit_x.rescale(torch.where(eta0 > 0, eta0, torch.ones_like(eta0)))
 
 
-def _safeguarded(points, losses, fit_x: QuadraticFit, eta0, guards, n_accepted, dead) -> Refit:
-    fit = fit_x.rescale(eta0)
-    mask = _dead_mask(points, losses, fit_x, dead)
-    return Refit(points, losses, fit, apply_safeguards(eta0, fit, guards, n_accepted, mask))
+def _safeguarded(points, losses, fit_x: QuadraticFit, eta0, guards, n_accepted, dead, applied_scale) -> Refit:
+    fit = rate_units(fit_x, eta0)
+    result = apply_safeguards(eta0, fit, guards, n_accepted, dead(points, losses), applied_scale)
+    return Refit(points, losses, fit, result)
 
 
 def _ask_tell(
@@ -121,7 +125,7 @@ def _ask_tell(
     return study, points, losses
 
 
-def _with_hidlr_sampler(design, evaluate, eta0, mode, guards, n_accepted, dead) -> Refit:
+def _with_hidlr_sampler(design, evaluate, eta0, mode, guards, n_accepted, dead, applied_scale) -> Refit:
     # A box twice the design's reach, with the sampler's radius a quarter of it: its design points are
     # then exactly the multipliers of the fast path's design.
     reach = float(design.abs().max())
@@ -132,7 +136,7 @@ def _with_hidlr_sampler(design, evaluate, eta0, mode, guards, n_accepted, dead) 
         fit_x = sampler.fit(study)
     except ValueError:  # failed probes left too few points for the model: reject like a NaN fit
         fit_x = _nan_fit(mode, len(eta0), len(points))
-    return _safeguarded(points, losses, fit_x, eta0, guards, n_accepted, dead)
+    return _safeguarded(points, losses, fit_x, eta0, guards, n_accepted, dead, applied_scale)
 
 
 def _with_optuna_sampler(factory, n, evaluate, eta0, mode, guards, n_accepted, dead) -> Refit:
@@ -145,8 +149,8 @@ def _with_optuna_sampler(factory, n, evaluate, eta0, mode, guards, n_accepted, d
         if finite.all() and len(points) >= n_unknowns(len(eta0), mode)
         else _nan_fit(mode, len(eta0), len(points))
     )
-    fit = fit_x.rescale(eta0)
-    mask = _dead_mask(points, losses, fit_x, dead)
+    fit = rate_units(fit_x, eta0)
+    mask = dead(points, losses)
     k = len(eta0)
     if not finite.any():
         every = list(range(k))
@@ -158,7 +162,7 @@ def _with_optuna_sampler(factory, n, evaluate, eta0, mode, guards, n_accepted, d
     proposed = eta0 * best
     fired: dict[str, list[int]] = {}
     lrs = limit_rates(eta0, proposed, guards, n_accepted, fired)
-    if mask is not None and mask.any():  # the loss does not depend on these groups: any probe was "best"
+    if mask.any():  # the loss does not depend on these groups: any probe was "best"
         lrs[mask] = eta0[mask]
         fired["dead"] = torch.nonzero(mask).flatten().tolist()
     return Refit(points, losses, fit, SafeguardResult(lrs, proposed, fired, "best-probe"))

@@ -34,7 +34,7 @@ class EpochLog:
     val_acc: float
     lrs: list[float]
     compute: float
-    # the rates groups actually stepped with at the epoch's end (see _effective_lr); equal to lrs for most
+    # the rates groups actually stepped with at the epoch's end (see _rate_scale); equal to lrs for most
     effective_lrs: list[float] = field(default_factory=list)
     step: int = 0  # optimizer steps done by the epoch's end
     groups: list[str] = field(default_factory=list)  # group names, in the order of lrs
@@ -192,7 +192,7 @@ def train(
                         callback_seconds += time.perf_counter() - t0
             if scheduler is not None:
                 step_lrs = _step_lrs(opt, controller)  # the rates this step used
-                step_effective = [_effective_lr(g) for g in opt.param_groups] if controller is None else step_lrs
+                step_effective = _effective_lrs(opt, controller)
                 scheduler.step()
             opt.zero_grad(set_to_none=True)
             result.steps += 1
@@ -234,13 +234,14 @@ def _step_lrs(opt: torch.optim.Optimizer, controller: HiDLR | None) -> list[floa
 
 
 def _effective_lrs(opt: torch.optim.Optimizer, controller: HiDLR | None) -> list[float]:
-    return controller.lrs() if controller is not None else [_effective_lr(g) for g in opt.param_groups]
+    """Per group, the rate the last step used times its optimizer's own scale (see _rate_scale)."""
+    return [lr * _rate_scale(g) for lr, g in zip(_step_lrs(opt, controller), opt.param_groups, strict=True)]
 
 
-def _effective_lr(group: dict[str, Any]) -> float:
-    """The rate a group actually steps with: lr times SAGE's mean sensitivity multiplier, or times the
-    distance estimate d of Prodigy and D-Adaptation (their lr is a multiplier of d)."""
-    return float(group["lr"]) * float(group.get("mean_scale", 1.0)) * float(group.get("d", 1.0))
+def _rate_scale(group: dict[str, Any]) -> float:
+    """What multiplies a group's lr in its step: SAGE's mean sensitivity multiplier, or the distance estimate d
+    of Prodigy and D-Adaptation (their lr is a multiplier of d); 1 for the others."""
+    return float(group.get("mean_scale", 1.0)) * float(group.get("d", 1.0))
 
 
 def _random_batch(split: Split, batch_size: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

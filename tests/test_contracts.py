@@ -305,3 +305,94 @@ def test_a_loss_fn_that_does_not_return_one_loss_is_named():
     as_float = HiDLR(opt, model, lambda m, b: float(mse(m, b)))
     with pytest.raises(TypeError, match="got float"):
         as_float.step(least_squares_batch())
+
+
+# ---- found in review -------------------------------------------------------------------------------------
+
+
+def test_a_group_warming_up_from_zero_does_not_stop_the_others_refits():
+    torch.manual_seed(9)
+    model = TwoBlockLinear()
+    opt = torch.optim.SGD(group_parameters(model, "layer"), lr=0.05)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, [lambda t: 1.0, lambda t: min(1.0, t / 4)])
+    hidlr = HiDLR(opt, model, mse, interval=2)  # built after the scheduler set group 1's lr to 0
+    train_steps(model, opt, hidlr, 6, probe=least_squares_batch(seed=0), scheduler=scheduler)
+    first = hidlr.history[0]
+    assert not first.rejected and first.fired == {"dead": [1], "trust_region": [0]} and first.lrs[1] == 0.0
+    assert first.lrs[0] != 0.05  # group 0 was refitted
+    assert hidlr.multipliers[1] != 1.0  # once warmed up, group 1 is tuned too
+
+
+def test_a_float32_group_with_a_tiny_rate_is_tuned_not_called_dead():
+    torch.manual_seed(10)
+    model = nn.Linear(4, 1).float()
+    opt = torch.optim.SGD([{"params": [model.weight], "lr": 0.03}, {"params": [model.bias], "lr": 1e-6}])
+    hidlr = HiDLR(opt, model, mse, interval=1, smoothing=0.0)  # may double every refit
+    x, y = torch.randn(64, 4, dtype=torch.float32), torch.randn(64, 1, dtype=torch.float32) + 3.0
+    for _ in range(12):
+        mse(model, (x, y)).backward()
+        hidlr.step((x, y))
+        opt.zero_grad()
+    assert not any("dead" in r.fired for r in hidlr.history)
+    assert hidlr.lrs()[1] > 1e-5  # grew from 1e-6
+
+
+def test_a_group_with_a_zero_update_is_dead_also_under_a_random_design():
+    torch.manual_seed(11)
+    model = TwoBlockLinear()
+    opt = torch.optim.Adam(group_parameters(model, "layer"), lr=0.05)  # no gradient, no decay: u = 0
+    hidlr = HiDLR(opt, model, mse, interval=1, design=9)
+    for t in range(4):
+        mse(model, dead_branch_batch(t)).backward()
+        hidlr.step(dead_branch_batch(50 + t))
+        opt.zero_grad()
+    assert all(r.fired.get("dead") == [1] and r.lrs[1] == 0.05 for r in hidlr.history)
+
+
+def post_accumulate_hooks(p):
+    return len(getattr(p, "_post_accumulate_grad_hooks", None) or {})
+
+
+def test_gradient_hooks_skip_frozen_parameters_and_leave_with_their_hidlr():
+    model = TwoBlockLinear()
+    model.b.weight.requires_grad_(False)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)  # holds the frozen parameter too
+    first = HiDLR(opt, model, mse, slope="gradient")
+    second = HiDLR(opt, model, mse, slope="gradient")
+    assert post_accumulate_hooks(model.a.weight) == 2 and post_accumulate_hooks(model.b.weight) == 0
+    first.close()
+    del second
+    import gc
+
+    gc.collect()
+    assert post_accumulate_hooks(model.a.weight) == 0
+    mse(model, least_squares_batch()).backward()  # a plain backward afterwards is unaffected
+
+
+def test_gradient_slope_checks_the_gradient_a_closure_leaves():
+    model = TwoBlockLinear()
+    opt = torch.optim.SGD(group_parameters(model, "layer"), lr=1e-3)
+    hidlr = HiDLR(opt, model, mse, interval=1, slope="gradient")
+    batch = least_squares_batch()
+
+    def clipped_closure():
+        opt.zero_grad()
+        loss = mse(model, batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+        return loss
+
+    with pytest.raises(ValueError, match="changed by a factor"):
+        hidlr.step(batch, closure=clipped_closure)
+
+
+def test_a_checkpoint_round_trips_through_plain_lists():
+    model = TwoBlockLinear()
+    opt = torch.optim.SGD(group_parameters(model, "layer"), lr=1e-3)
+    hidlr = HiDLR(opt, model, mse, interval=2, lr_bounds=[1e-6, 1.0])  # a list, as a config file would give
+    train_steps(model, opt, hidlr, 3)
+    state = hidlr.state_dict()
+    state["config"] = {**state["config"], "safeguards": {**state["config"]["safeguards"], "lr_bounds": [1e-6, 1.0]}}
+    again = HiDLR(opt, model, mse, interval=2, lr_bounds=(1e-6, 1.0))
+    again.load_state_dict(state)
+    assert again.step_count == 3

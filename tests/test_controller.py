@@ -245,8 +245,10 @@ def test_constructor_validation(kwargs, error, message):
 
 def test_bad_optimizer_setups_are_rejected():
     model = TwoBlockLinear()
-    with pytest.raises(ValueError, match="lr=0.0; HiDLR needs a positive"):
-        HiDLR(torch.optim.SGD(model.parameters(), lr=0.0), model, mse)
+    nan_lr = torch.optim.SGD(model.parameters(), lr=0.1)
+    nan_lr.param_groups[0]["lr"] = math.nan
+    with pytest.raises(ValueError, match="lr=nan; a learning rate must be finite and >= 0"):
+        HiDLR(nan_lr, model, mse)
     with pytest.raises(ValueError, match="not in the model"):
         HiDLR(torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1), model, mse)
     with pytest.raises(TypeError, match="torch.optim.Optimizer"):

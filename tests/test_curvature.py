@@ -270,3 +270,17 @@ def test_full_mode_never_chooses_rates_the_model_predicts_worse_than_the_current
         assert (result.lrs > 0).all()
         worse += "no_predicted_gain" in result.fired
     assert worse < 400  # the final check is a backstop, not the rule
+
+
+def test_the_no_gain_check_compares_the_rates_the_step_applies():
+    """With a horizon factor f the step uses f * eta: the model must not predict f * new worse than f * prev."""
+    gen = torch.Generator().manual_seed(1)
+    for trial in range(400):
+        k = 2 + trial % 3
+        m = torch.randn(k, k, generator=gen)
+        A = m @ m.T + 0.05 * torch.eye(k)
+        fit = QuadraticFit("full", 0.0, torch.randn(k, generator=gen), A, 1.0, torch.zeros(1), 1)
+        prev = torch.rand(k, generator=gen) + 0.1
+        result = apply_safeguards(prev, fit, Safeguards(trust_ratio=2.0, smoothing=0.9), applied_scale=0.2)
+        chosen, current = fit.predict(torch.stack([result.lrs, prev]) * 0.2).tolist()
+        assert chosen <= current + 1e-12
