@@ -55,7 +55,7 @@ def _steps(task, device: str, n_steps: int, batch_size: int, hidlr: dict | None)
     """Seconds per training step over ``n_steps`` (forward, backward, step; refits included)."""
     model = task.make_model(0).to(device)
     opt = torch.optim.AdamW(group_parameters(model, task.grouping), lr=1e-3)
-    controller = HiDLR(opt, model, task.loss_fn, **hidlr) if hidlr is not None else None
+    controller = HiDLR(opt, model, task.loss_fn, probes=None, total_steps=None, **hidlr) if hidlr is not None else None
     gen = torch.Generator().manual_seed(0)
     batches = [b for _, b in zip(range(n_steps), _cycle(task.train, batch_size, gen), strict=False)]
     probe = (task.val.x[:batch_size], task.val.y[:batch_size])
@@ -68,7 +68,7 @@ def _steps(task, device: str, n_steps: int, batch_size: int, hidlr: dict | None)
             opt.step()
         else:
             due = controller.refit_due
-            controller.step(((x, y) if on_train_batch else probe) if due else None)
+            controller.step(probe_batch=((x, y) if on_train_batch else probe) if due else None)
         opt.zero_grad(set_to_none=True)
     _sync(device)
     return (time.perf_counter() - t0) / n_steps
@@ -179,12 +179,12 @@ def refit(device: str, repeats: int) -> None:
             torch.manual_seed(0)
             model = _deep_mlp(k).to(device)
             opt = torch.optim.AdamW(group_parameters(model, "layer"), lr=1e-3)
-            controller = HiDLR(opt, model, _mse, interval=1, mode=mode)
+            controller = HiDLR(opt, model, _mse, probes=None, total_steps=None, interval=1, mode=mode)
             batch = (torch.randn(64, 32, device=device), torch.randn(64, 1, device=device))
 
             def one_refit() -> None:
                 _mse(model, batch).backward()
-                controller.step(batch)
+                controller.step(probe_batch=batch)
                 opt.zero_grad()
 
             one_refit()  # warm-up
@@ -242,12 +242,13 @@ for p in model.parameters():
     p.requires_grad_(True)
 opt = torch.optim.SGD(group_parameters(model, "layer"), lr=1e-3)  # no optimizer state: only Hi-DLR's copies
 loss_fn = lambda m, b: m(b).pow(2).mean()
-hidlr = HiDLR(opt, model, loss_fn, interval=2, batched_probes=batched, probe_memory_budget=1)
+hidlr = HiDLR(opt, model, loss_fn, probes=None, total_steps=None, interval=2, batched_probes=batched,
+              probe_memory_budget=1)
 batch = torch.randn(8, 5000)
 for _ in range(2):  # two plain steps (no probe batch: no refit): the baseline peak
-    loss_fn(model, batch).backward(); hidlr.step(None); opt.zero_grad(set_to_none=False)
+    loss_fn(model, batch).backward(); hidlr.step(); opt.zero_grad(set_to_none=False)
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-loss_fn(model, batch).backward(); hidlr.step(batch); opt.zero_grad(set_to_none=False)  # step 2 refits
+loss_fn(model, batch).backward(); hidlr.step(probe_batch=batch); opt.zero_grad(set_to_none=False)  # step 2 refits
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 params = sum(p.numel() * p.element_size() for p in model.parameters()) / 1024
 print((peak - base) / params)

@@ -1,18 +1,18 @@
-"""``HiDLR``: wrap a torch optimizer and refit its group learning rates from forward-only probes.
+"""``HiDLR``: a torch optimizer around another that refits its group learning rates from forward-only probes.
 
 The rate group k steps with is
 
     eta_k(t) = lr_k(t) * m_k * h(t)
 
 where lr_k(t) is the group's ``lr`` as the user or an LR scheduler sets it (read at every step, never
-overwritten), m_k is the multiplier HiDLR fits (1 at the start), and h(t) = max(0, 1 - t / horizon) the
-optional horizon factor. So an LR scheduler composes: it gives the shape over time, the fitted m_k give
-the level and the ratios between groups. HiDLR writes eta_k into ``group["lr"]`` only for the duration of
-the base optimizer's step and puts lr_k back afterwards, so chainable schedulers see their own values;
-:meth:`HiDLR.lrs` gives the rates actually used.
+overwritten), m_k is the multiplier HiDLR fits (1 at the start), and h(t) = max(0, 1 - t / total_steps)
+the horizon factor (1 with ``total_steps=None``). So an LR scheduler composes: it gives the shape over
+time, the fitted m_k give the level and the ratios between groups. HiDLR writes eta_k into ``group["lr"]``
+only for the duration of the base optimizer's step and puts lr_k back afterwards, so chainable schedulers
+see their own values; :meth:`HiDLR.lrs` gives the rates actually used.
 
-Every ``interval`` steps (step 0 included), with the probe batch the caller passes to :meth:`HiDLR.step`
-(a refit that falls due on a step without one waits for the next step that has one):
+Every ``interval`` steps (step 0 included), with a batch drawn from the probe source (``probes``) or passed
+to :meth:`HiDLR.step` (a refit that falls due on a step without one waits for the next step that has one):
 
     1. save w(t); let the base optimizer step once with the level eta0 = lr * m (times h): w(t+1) = w(t) + u
     2. for each probe point x^(j) (multipliers of eta0, e.g. the axial design {0, +-e_k}) evaluate
@@ -28,9 +28,14 @@ and their state (moments) does not depend on it, so step 5 is exactly the step t
 taken with eta*: its state advances once per step, refit or not. Other optimizers are refused (see
 :mod:`hidlr_hpo.rate_linear`). K = 1 (one group) is GeN.
 
-Short-horizon bias: the fitted rate minimises the *next* loss on the probe batch. Pass ``horizon`` (the
-planned number of steps) to multiply every rate by 1 - t / horizon, and pass a held-out batch as the probe
-batch so that the fitted objective is a validation loss; docs/method.md says what each measured.
+Short-horizon bias: the fitted rate minimises the *next* loss on the probe batch. ``total_steps`` (the
+planned number of steps) multiplies every rate by 1 - t / total_steps, and a held-out probe source makes the
+fitted objective a validation loss; both are part of the constructor, and going without either is an
+explicit ``None``. docs/method.md says what each measured.
+
+``HiDLR`` is itself a ``torch.optim.Optimizer`` sharing the base optimizer's ``param_groups`` and ``state``
+(as timm's Lookahead does), so LR schedulers, ``torch.amp.GradScaler``, Hugging Face ``Trainer`` and
+Lightning accept it, and its one ``state_dict()`` checkpoints both.
 """
 
 from __future__ import annotations
@@ -60,6 +65,8 @@ from .probe import LossFn, Prober
 from .rate_linear import check_rate_linear
 
 __all__ = ["HiDLR", "RefitRecord"]
+
+_REQUIRED: Any = object()  # marks the constructor's required keyword arguments, for a clearer error
 
 # Below this fraction of the planned horizon the steps are too small to probe reliably: stop refitting.
 _MIN_HORIZON_FACTOR_TO_REFIT = 0.1
@@ -96,8 +103,8 @@ class RefitRecord:
         return "rejected_fit" in self.fired
 
 
-class HiDLR:
-    r"""Hessian-informed differential learning rates around any ``torch.optim.Optimizer``.
+class HiDLR(torch.optim.Optimizer):
+    r"""Hessian-informed differential learning rates: an optimizer around a rate-linear torch optimizer.
 
     Example:
         >>> import torch
@@ -109,12 +116,13 @@ class HiDLR:
         >>> def loss_fn(model, batch):
         ...     inputs, targets = batch
         ...     return torch.nn.functional.mse_loss(model(inputs), targets)
+        >>> validation = [(torch.randn(32, 4), torch.randn(32, 1))]  # any iterable of batches, or a callable
         >>> opt = torch.optim.AdamW(group_parameters(model, "layer"), lr=1e-3)
-        >>> hidlr = HiDLR(opt, model, loss_fn, interval=5)
+        >>> hidlr = HiDLR(opt, model, loss_fn, probes=validation, total_steps=10, interval=5)
         >>> for _ in range(10):
         ...     loss_fn(model, (x, y)).backward()
-        ...     hidlr.step((x, y) if hidlr.refit_due else None)  # the probe batch, only when a refit is due
-        ...     opt.zero_grad()
+        ...     hidlr.step()  # draws a probe batch when a refit is due
+        ...     hidlr.zero_grad()
         >>> len(hidlr.history), hidlr.last_fit.step
         (2, 5)
 
@@ -127,7 +135,15 @@ class HiDLR:
             must be linear in lr (SGD, Adam, AdamW, Adagrad, RMSprop, Adamax, NAdam, RAdam, Adadelta, SAGE;
             see :mod:`hidlr_hpo.rate_linear`); others are refused unless ``assume_rate_linear=True``.
         model: the module whose parameters the optimizer holds; ``loss_fn`` calls it.
-        loss_fn: ``loss_fn(model, batch) -> scalar tensor``, used for the probes.
+        loss_fn: ``loss_fn(model, batch) -> scalar tensor``, used for the probes (wrap its body in
+            ``torch.autocast`` to probe under the same autocast as training).
+        probes: where probe batches come from, drawn only when a refit is due: an iterable of batches (a
+            ``DataLoader`` over a held-out split, restarted when exhausted), an iterator, or a callable
+            returning a batch. ``None``: pass them as ``step(probe_batch=...)`` (the batch just trained on,
+            say). Required: say ``None`` explicitly.
+        total_steps: the planned number of optimizer steps; the rates are multiplied by
+            max(0, 1 - t / total_steps) against the short-horizon bias, and refits stop in the last 10%.
+            Required: ``None`` runs without a horizon (greedy rates, which overfit on small tasks).
         interval: refit every this many steps (step 0 included).
         mode: ``"diag"`` (K axis curvatures; 2K + 1 probes) or ``"full"`` (cross terms too).
         design: ``"axial"`` (default for diag), ``"pairwise"`` (default for full), an int (a random
@@ -142,7 +158,6 @@ class HiDLR:
         min_r2: reject fits whose R^2 is below this (None: off).
         lr_bounds: absolute (lr_min, lr_max) (None: off).
         nondescent_shrink: factor applied to a group's rate when its direction does not descend (1: keep).
-        horizon: planned number of steps; rates are multiplied by max(0, 1 - t / horizon) (None: off).
         inner: the inner solver of each refit (see :mod:`hidlr_hpo.inner`): None (Hi-DLR's maths directly),
             ``"hidlr"`` (the same through Optuna's ask-and-tell with :class:`HiDLRSampler`; same rates), or a
             factory ``fn(search_space) -> optuna sampler`` (Grid, TPE, GP, CMA-ES, Random) given the same probe
@@ -172,6 +187,8 @@ class HiDLR:
         model: nn.Module,
         loss_fn: LossFn,
         *,
+        probes: Any = _REQUIRED,
+        total_steps: int | None = _REQUIRED,
         interval: int = 10,
         mode: str = "diag",
         design: str | int | torch.Tensor | None = None,
@@ -184,7 +201,6 @@ class HiDLR:
         min_r2: float | None = None,
         lr_bounds: tuple[float, float] | None = (1e-8, 10.0),
         nondescent_shrink: float = 1.0,
-        horizon: int | None = None,
         inner: InnerSolver = None,
         eval_mode: bool = True,
         slope: str = "probes",
@@ -201,11 +217,26 @@ class HiDLR:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
             raise TypeError("loss_fn must be callable as loss_fn(model, batch) -> scalar tensor")
+        if total_steps is _REQUIRED:
+            raise TypeError(
+                "HiDLR needs total_steps=the planned number of optimizer steps (the rates decay over it, against "
+                "the short-horizon bias of greedy rates), or total_steps=None to run without a horizon"
+            )
+        if probes is _REQUIRED:
+            raise TypeError(
+                "HiDLR needs probes=a source of held-out probe batches (a DataLoader, an iterable or a callable), "
+                "or probes=None to pass each as step(probe_batch=...)"
+            )
         check_rate_linear(optimizer, assume_rate_linear)
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise ValueError(f"interval must be an int >= 1, got {interval!r}")
-        if horizon is not None and (isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1):
-            raise ValueError(f"horizon must be None or an int >= 1 (the planned number of steps), got {horizon!r}")
+        if total_steps is not None and (
+            isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1
+        ):
+            raise ValueError(
+                f"total_steps must be None or an int >= 1 (the planned number of steps), got {total_steps!r}"
+            )
+        self._probe_source = _ProbeSource(probes) if probes is not None else None
         if history_size is not None and (
             isinstance(history_size, bool) or not isinstance(history_size, int) or history_size < 1
         ):
@@ -235,9 +266,14 @@ class HiDLR:
                 )
 
         self.optimizer = optimizer
+        # One optimizer to the outside: the base's groups and state, shared (as timm's Lookahead); __setstate__
+        # also sets up torch's step hooks and profiling.
+        self.__setstate__(
+            {"defaults": optimizer.defaults, "state": optimizer.state, "param_groups": optimizer.param_groups}
+        )
         self.model = model
         self.interval = interval
-        self.horizon = horizon
+        self.horizon = total_steps
         self.measure_realised = measure_realised
         self.history_size = history_size
         self.guards = Safeguards(
@@ -335,16 +371,24 @@ class HiDLR:
             warnings.warn(message, RuntimeWarning, stacklevel=3)
 
     # ------------------------------------------------------------------------------------------------
-    def step(self, probe_batch: Any = None, closure: Any = None) -> Any:
+    @torch.no_grad()
+    def step(self, closure: Any = None, *, probe_batch: Any = None) -> Any:  # type: ignore[override]
         """Step the base optimizer; when a refit is due (see :attr:`refit_due`) also refit the group rates.
 
         Args:
-            probe_batch: the batch the probes evaluate ``loss_fn`` on. Pass a held-out batch to fit a
-                validation loss. ``None`` makes a plain step; a due refit then waits for the next step
-                that has a batch. A batch on a step where no refit is due is not used (warned once).
             closure: passed to the base optimizer's ``step``.
+            probe_batch: the batch the probes evaluate ``loss_fn`` on, instead of one drawn from ``probes``
+                (a held-out batch fits a validation loss). Without either a due refit waits for the next
+                step that has a batch. A batch on a step where no refit is due is not used (warned once).
         """
+        if closure is not None and not callable(closure):
+            raise TypeError(
+                f"step(closure) got a {type(closure).__name__}, not a callable; pass a probe batch as "
+                "step(probe_batch=...)"
+            )
         due = self.refit_due
+        if probe_batch is None and due and self._probe_source is not None:
+            probe_batch = self._probe_source.draw()
         if probe_batch is not None and not due:
             self._warn_once(
                 "unused_batch",
@@ -579,6 +623,14 @@ class HiDLR:
             for p, s in zip(group, g_start, strict=True):
                 p.copy_(torch.lerp(s, p, c))
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if hasattr(self, "optimizer"):  # after construction the groups are HiDLR's K axes: fixed
+            raise ValueError("HiDLR's parameter groups are fixed at construction; build a new HiDLR to add one")
+        super().add_param_group(param_group)
+
     # ------------------------------------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
         """The settings that shape the trajectory; a checkpoint loads only into a HiDLR with the same ones."""
@@ -587,7 +639,7 @@ class HiDLR:
             "groups": list(self.group_names),
             "interval": self.interval,
             "mode": self.mode,
-            "horizon": self.horizon,
+            "total_steps": self.horizon,
             "design": design,
             "delta": self.delta,
             "slope": self.slope,
@@ -597,7 +649,22 @@ class HiDLR:
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """HiDLR's own state. Like an LR scheduler's, it excludes the optimizer's: save both."""
+        """The base optimizer's state dict, with HiDLR's own state under ``"hidlr"``: one object to checkpoint."""
+        return {**self.optimizer.state_dict(), "hidlr": self._own_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a :meth:`state_dict`: everything is checked first, nothing is changed unless all of it loads."""
+        if not isinstance(state_dict, dict) or "hidlr" not in state_dict:
+            raise ValueError(
+                "HiDLR.load_state_dict needs a dict from HiDLR.state_dict() (the base optimizer's state with HiDLR's "
+                "under 'hidlr'); a plain optimizer state dict goes to hidlr.optimizer.load_state_dict"
+            )
+        assign = self._check_own_state(state_dict["hidlr"])
+        self.optimizer.load_state_dict({k: v for k, v in state_dict.items() if k != "hidlr"})
+        self.param_groups, self.state = self.optimizer.param_groups, self.optimizer.state  # the base made new ones
+        assign()
+
+    def _own_state(self) -> dict[str, Any]:
         return {
             "multipliers": self.multipliers.tolist(),
             "last_applied": self.lrs(),
@@ -613,15 +680,15 @@ class HiDLR:
             "config": self.config(),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Load a :meth:`state_dict`: everything is checked first, nothing is changed unless all of it loads."""
+    def _check_own_state(self, state: dict[str, Any]) -> Any:
+        """Validate HiDLR's part of a state dict; return the function that assigns it."""
         if not isinstance(state, dict):
-            raise TypeError(f"state must be a dict from HiDLR.state_dict(), got {type(state).__name__}")
+            raise ValueError(f"state_dict['hidlr'] must be a dict from HiDLR.state_dict(), got {type(state).__name__}")
         required = ("multipliers", "last_applied", "step_count", "next_refit", "history", "n_refits", "n_rejected",
                     "n_nonfinite", "probe_forwards", "diagnostic_forwards", "generator", "config")  # fmt: skip
         missing = [key for key in required if key not in state]
         if missing:
-            raise ValueError(f"HiDLR state_dict is missing {missing}; was it saved by HiDLR.state_dict()?")
+            raise ValueError(f"state_dict['hidlr'] is missing {missing}; was it saved by HiDLR.state_dict()?")
         mine, saved = self.config(), _plain(state["config"])
         if not isinstance(saved, dict) or saved != mine:
             differ = sorted(key for key in mine if not isinstance(saved, dict) or saved.get(key) != mine.get(key))
@@ -655,15 +722,53 @@ class HiDLR:
         check = torch.Generator()
         check.set_state(generator)  # raises on a malformed state, before anything is assigned
 
-        self.multipliers, self._last_applied = multipliers, last_applied
-        self.history = history
-        for key, value in counts.items():
-            setattr(self, key, value)
-        self._generator.set_state(generator)
+        def assign() -> None:
+            self.multipliers, self._last_applied = multipliers, last_applied
+            self.history = history
+            for key, value in counts.items():
+                setattr(self, key, value)
+            self._generator.set_state(generator)
+
+        return assign
 
     def __repr__(self) -> str:
         rates = ", ".join(f"{n}={lr:.3g}" for n, lr in zip(self.group_names, self.lrs(), strict=True))
         return f"HiDLR({type(self.optimizer).__name__}, mode={self.mode}, interval={self.interval}, lrs: {rates})"
+
+
+class _ProbeSource:
+    """Probe batches on demand from an iterable (restarted when exhausted), an iterator or a callable."""
+
+    def __init__(self, probes: Any) -> None:
+        if callable(probes) and not hasattr(probes, "__iter__"):
+            self._draw, self._iterable, self._iterator = probes, None, None
+        elif hasattr(probes, "__next__"):
+            self._draw, self._iterable, self._iterator = None, None, probes
+        elif hasattr(probes, "__iter__"):
+            self._draw, self._iterable, self._iterator = None, probes, None
+        else:
+            raise TypeError(
+                f"probes must be an iterable of batches (a DataLoader), an iterator or a callable returning a batch, "
+                f"or None; got {type(probes).__name__}"
+            )
+
+    def draw(self) -> Any:
+        if self._draw is not None:
+            return self._draw()
+        if self._iterator is None:
+            self._iterator = iter(self._iterable)
+        try:
+            return next(self._iterator)
+        except StopIteration:
+            if self._iterable is None:
+                raise ValueError(
+                    "the probes iterator is exhausted; pass a re-iterable (a DataLoader, a list)"
+                ) from None
+            self._iterator = iter(self._iterable)  # a new pass (a DataLoader reshuffles)
+            try:
+                return next(self._iterator)
+            except StopIteration:
+                raise ValueError("probes yields no batch (an empty DataLoader or list?)") from None
 
 
 def _plain(value: Any) -> Any:

@@ -159,9 +159,10 @@ def train(
     controller = None
     if hidlr is not None:
         kwargs = dict(hidlr)
-        if isinstance(kwargs.get("horizon"), bool):  # True: the planned steps; False: off
-            kwargs["horizon"] = total_steps if kwargs["horizon"] else None
-        controller = HiDLR(opt, model, task.loss_fn, **kwargs)
+        horizon = kwargs.pop("horizon", None)  # True: the planned steps; False or None: off; an int: itself
+        kwargs["total_steps"] = (total_steps if horizon else None) if isinstance(horizon, bool | None) else horizon
+        # The loop draws each probe batch itself (a held-out one, or the batch just trained on) when one is due.
+        controller = HiDLR(opt, model, task.loss_fn, probes=None, **kwargs)
 
     result = TrainResult(hidlr=controller)
     examples_trained = 0
@@ -183,7 +184,7 @@ def train(
                 if controller.refit_due:
                     probe_batch = (x, y) if probe == "train" else _random_batch(task.val, batch_size, probe_gen)
                 forwards_before = controller.probe_forwards
-                controller.step(probe_batch)
+                controller.step(probe_batch=probe_batch)
                 if probe_batch is not None:
                     probe_examples += (controller.probe_forwards - forwards_before) * len(probe_batch[1])
                     if on_refit is not None and controller.history and controller.history[-1].step == result.steps:

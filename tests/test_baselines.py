@@ -181,13 +181,20 @@ def test_make_optimizer_plain_groups():
 
 def test_gen_preset_is_hidlr_with_one_group():
     model = torch.nn.Linear(3, 1)
-    gen = GeN(torch.optim.SGD(model.parameters(), lr=0.1), model, lambda m, b: m(b).pow(2).mean(), smoothing=0.5)
+    gen = GeN(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        model,
+        lambda m, b: m(b).pow(2).mean(),
+        smoothing=0.5,
+        total_steps=None,
+        probes=None,
+    )
     assert isinstance(gen, HiDLR)
     assert (gen.interval, gen.guards.min_r2, gen.guards.trust_ratio, gen.guards.smoothing) == (4, 0.99, 2.0, 0.5)
     assert GEN_DEFAULTS["delta"] == 1.0 and GEN_DEFAULTS["design"] == "axial"  # multipliers {0, +1, -1}
     two = torch.optim.SGD(group_parameters(torch.nn.Sequential(model, torch.nn.Linear(1, 1)), "layer"), lr=0.1)
     with pytest.raises(ValueError, match="one learning rate"):
-        GeN(two, model, lambda m, b: m(b).sum())
+        GeN(two, model, lambda m, b: m(b).sum(), total_steps=None, probes=None)
 
 
 def test_gen_preset_recovers_the_analytic_rate_on_a_quadratic():
@@ -199,10 +206,10 @@ def test_gen_preset_recovers_the_analytic_rate_on_a_quadratic():
         return 0.5 * (m(batch[0]).squeeze(-1) - batch[1]).pow(2).mean()
 
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    gen = GeN(opt, model, loss_fn, trust_ratio=None, smoothing=0.0, lr_bounds=None)
+    gen = GeN(opt, model, loss_fn, trust_ratio=None, smoothing=0.0, lr_bounds=None, total_steps=None, probes=None)
     loss_fn(model, (x, y)).backward()
     g = model.weight.grad.flatten().clone()
-    gen.step((x, y))
+    gen.step(probe_batch=(x, y))
     hessian = x.T @ x / len(x)
     assert gen.lrs()[0] == pytest.approx(float(g @ g / (g @ hessian @ g)), rel=1e-9)
 

@@ -107,8 +107,8 @@ def test_one_refit_sets_the_analytic_rates(name, mode):
     b, A, _, _ = analytic_model(model, opt, probe_batch)
     prev = torch.tensor([g["lr"] for g in opt.param_groups])
 
-    hidlr = HiDLR(opt, model, mse, interval=1, mode=mode, **RAW)
-    hidlr.step(probe_batch)
+    hidlr = HiDLR(opt, model, mse, interval=1, mode=mode, **RAW, total_steps=None, probes=None)
+    hidlr.step(probe_batch=probe_batch)
     fit = hidlr.last_fit
     assert fit.r2 == pytest.approx(1.0)
     torch.testing.assert_close(torch.tensor(fit.proposed), expected, rtol=1e-7, atol=0)
@@ -135,8 +135,8 @@ def test_one_group_is_gen():
     batch = least_squares_batch()
     mse(model, batch).backward()
     expected, _, _ = analytic_rates(model, opt, batch, "diag")
-    hidlr = HiDLR(opt, model, mse, interval=1, **RAW)
-    hidlr.step(batch)
+    hidlr = HiDLR(opt, model, mse, interval=1, **RAW, total_steps=None, probes=None)
+    hidlr.step(probe_batch=batch)
     # GeN: eta* = G^T d / d^T H d, and with SGD on the training batch d = G.
     assert hidlr.lrs()[0] == pytest.approx(float(expected[0]), rel=1e-8)
 
@@ -144,11 +144,11 @@ def test_one_group_is_gen():
 def test_optimizer_state_advances_once_per_step():
     model = TwoBlockLinear()
     opt = torch.optim.Adam(group_parameters(model, "layer"), lr=1e-2)
-    hidlr = HiDLR(opt, model, mse, interval=2)
+    hidlr = HiDLR(opt, model, mse, interval=2, total_steps=None, probes=None)
     batch = least_squares_batch()
     for _ in range(5):
         mse(model, batch).backward()
-        hidlr.step(batch if hidlr.refit_due else None)
+        hidlr.step(probe_batch=batch if hidlr.refit_due else None)
         opt.zero_grad()
     assert len(hidlr.history) == 3  # steps 0, 2, 4
     for p in model.parameters():
@@ -158,14 +158,14 @@ def test_optimizer_state_advances_once_per_step():
 def test_nan_probe_rejects_the_fit_and_leaves_parameters_as_a_plain_step():
     model = TwoBlockLinear()
     opt = torch.optim.AdamW(group_parameters(model, "layer"), lr=1e-2)
-    hidlr = HiDLR(opt, model, mse, interval=1)
+    hidlr = HiDLR(opt, model, mse, interval=1, total_steps=None, probes=None)
     batch = least_squares_batch()
     mse(model, batch).backward()
     m2, o2 = clone_with_grads(model, opt)
     o2.step()
     x, y = least_squares_batch(seed=5)
     y[3] = math.nan
-    hidlr.step((x, y))
+    hidlr.step(probe_batch=(x, y))
     assert hidlr.n_nonfinite == 1 and hidlr.n_rejected == 1
     assert hidlr.last_fit.rejected and "nonfinite" in hidlr.last_fit.fired
     assert hidlr.lrs() == [1e-2, 1e-2]
@@ -177,7 +177,7 @@ def run(steps, model, opt, hidlr, data):
     for t in range(steps):
         batch = data[t % len(data)]
         mse(model, batch).backward()
-        hidlr.step(data[(t + 1) % len(data)] if hidlr.refit_due else None)
+        hidlr.step(probe_batch=data[(t + 1) % len(data)] if hidlr.refit_due else None)
         opt.zero_grad()
 
 
@@ -185,7 +185,9 @@ def build(seed=3):
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 1))
     opt = torch.optim.AdamW(group_parameters(model, "layer"), lr=1e-2)
-    hidlr = HiDLR(opt, model, mse, interval=3, design=9, horizon=40, seed=7)  # random design: RNG state matters
+    hidlr = HiDLR(
+        opt, model, mse, interval=3, design=9, total_steps=40, seed=7, probes=None
+    )  # random design: RNG state matters
     return model, opt, hidlr
 
 
@@ -206,7 +208,7 @@ def test_state_dict_round_trip_reproduces_the_trajectory():
     h2.load_state_dict(saved["hidlr"])
     for t in range(10, 20):  # continue where the first run stopped
         mse(m2, data[t % 4]).backward()
-        h2.step(data[(t + 1) % 4] if h2.refit_due else None)
+        h2.step(probe_batch=data[(t + 1) % 4] if h2.refit_due else None)
         o2.zero_grad()
 
     for p, q in zip(model.parameters(), m2.parameters(), strict=True):
@@ -219,7 +221,7 @@ def test_state_dict_round_trip_reproduces_the_trajectory():
 def test_horizon_scales_the_applied_rate():
     model = TwoBlockLinear()
     opt = torch.optim.SGD(group_parameters(model, "layer"), lr=0.1)
-    hidlr = HiDLR(opt, model, mse, interval=1000, horizon=10)
+    hidlr = HiDLR(opt, model, mse, interval=1000, total_steps=10, probes=None)
     for t in range(4):
         hidlr.step()  # no probe batch: plain steps
         assert hidlr.lrs() == pytest.approx([0.1 * (1 - t / 10)] * 2)
@@ -231,7 +233,7 @@ def test_horizon_scales_the_applied_rate():
     [
         (dict(interval=0), ValueError, "interval must be an int >= 1"),
         (dict(mode="diagonal"), ValueError, "mode must be one of"),
-        (dict(horizon=0), ValueError, "horizon must be None or an int >= 1"),
+        (dict(total_steps=0), ValueError, "total_steps must be None or an int >= 1"),
         (dict(smoothing=1.5), ValueError, "smoothing"),
         (dict(mode="full", design="axial"), ValueError, "unknowns but the design has only"),
     ],
@@ -240,7 +242,7 @@ def test_constructor_validation(kwargs, error, message):
     model = TwoBlockLinear()
     opt = torch.optim.SGD(group_parameters(model, "layer"), lr=0.1)
     with pytest.raises(error, match=message):
-        HiDLR(opt, model, mse, **kwargs)
+        HiDLR(opt, model, mse, **{"total_steps": None, "probes": None, **kwargs})
 
 
 def test_bad_optimizer_setups_are_rejected():
@@ -248,11 +250,11 @@ def test_bad_optimizer_setups_are_rejected():
     nan_lr = torch.optim.SGD(model.parameters(), lr=0.1)
     nan_lr.param_groups[0]["lr"] = math.nan
     with pytest.raises(ValueError, match="lr=nan; a learning rate must be finite and >= 0"):
-        HiDLR(nan_lr, model, mse)
+        HiDLR(nan_lr, model, mse, total_steps=None, probes=None)
     with pytest.raises(ValueError, match="not in the model"):
-        HiDLR(torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1), model, mse)
+        HiDLR(torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1), model, mse, total_steps=None, probes=None)
     with pytest.raises(TypeError, match="torch.optim.Optimizer"):
-        HiDLR("adam", model, mse)  # type: ignore[arg-type]
+        HiDLR("adam", model, mse, total_steps=None, probes=None)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("mode, design", [("diag", "axial"), ("full", "pairwise"), ("diag", 11)])
@@ -261,12 +263,12 @@ def test_optuna_ask_and_tell_with_hidlr_sampler_gives_the_fast_path_rates(mode, 
         torch.manual_seed(4)
         model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 1))
         opt = torch.optim.AdamW(group_parameters(model, "layer"), lr=1e-2)
-        hidlr = HiDLR(opt, model, mse, interval=2, mode=mode, design=design, inner=inner)
+        hidlr = HiDLR(opt, model, mse, interval=2, mode=mode, design=design, inner=inner, total_steps=None, probes=None)
         data = [least_squares_batch(seed=s) for s in range(3)]
         run_steps = 8
         for t in range(run_steps):
             mse(model, data[t % 3]).backward()
-            hidlr.step(data[(t + 1) % 3] if hidlr.refit_due else None)
+            hidlr.step(probe_batch=data[(t + 1) % 3] if hidlr.refit_due else None)
             opt.zero_grad()
         return hidlr
 
@@ -304,8 +306,8 @@ def test_other_optuna_samplers_pick_the_best_probe_with_the_same_budget(factory)
     opt = torch.optim.SGD(group_parameters(model, "layer"), lr=1e-3)
     batch = least_squares_batch()
     mse(model, batch).backward()
-    hidlr = HiDLR(opt, model, mse, interval=1, inner=factory, **RAW)
-    hidlr.step(batch)
+    hidlr = HiDLR(opt, model, mse, interval=1, inner=factory, **RAW, total_steps=None, probes=None)
+    hidlr.step(probe_batch=batch)
     fit = hidlr.last_fit
     assert hidlr.probe_forwards == 5 == len(fit.losses)  # 2K + 1, the axial design's budget
     best = min(range(5), key=lambda j: fit.losses[j])
@@ -320,7 +322,7 @@ def test_inner_must_be_none_hidlr_or_a_factory():
     model = TwoBlockLinear()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="inner must be None"):
-        HiDLR(opt, model, mse, inner="tpe")
+        HiDLR(opt, model, mse, inner="tpe", total_steps=None, probes=None)
 
 
 def test_measure_realised_changes_nothing_and_matches_the_model_on_a_quadratic():
@@ -335,10 +337,12 @@ def test_measure_realised_changes_nothing_and_matches_the_model_on_a_quadratic()
         torch.manual_seed(1)
         model = torch.nn.Sequential(torch.nn.Linear(4, 2))
         opt = torch.optim.SGD(group_parameters(model, "type"), lr=0.05)
-        hidlr = HiDLR(opt, model, loss_fn, interval=3, mode="full", measure_realised=measure)  # exact model
+        hidlr = HiDLR(
+            opt, model, loss_fn, interval=3, mode="full", measure_realised=measure, total_steps=None, probes=None
+        )  # exact model
         for _ in range(9):
             loss_fn(model, (x, y)).backward()
-            hidlr.step((x, y) if hidlr.refit_due else None)
+            hidlr.step(probe_batch=(x, y) if hidlr.refit_due else None)
             opt.zero_grad()
         runs.append((model, hidlr))
     (plain_model, plain), (measured_model, measured) = runs
@@ -361,10 +365,10 @@ def test_batched_probes_give_the_same_trajectory_as_sequential():
         torch.manual_seed(2)
         model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
         opt = torch.optim.AdamW(group_parameters(model, "layer"), lr=1e-2)
-        hidlr = HiDLR(opt, model, loss_fn, interval=2, mode="full", batched_probes=batched)
+        hidlr = HiDLR(opt, model, loss_fn, interval=2, mode="full", batched_probes=batched, total_steps=None, probes=None)
         for _ in range(8):
             loss_fn(model, (x, y)).backward()
-            hidlr.step((x, y) if hidlr.refit_due else None)
+            hidlr.step(probe_batch=(x, y) if hidlr.refit_due else None)
             opt.zero_grad()
         runs.append((model, hidlr))
     (seq_model, seq), (bat_model, bat) = runs
@@ -389,8 +393,8 @@ def test_gradient_slope_gives_the_analytic_rates_with_k_plus_one_probes(name):
         opt.zero_grad()
     mse(model, batch).backward()
     expected, _, _ = analytic_rates(model, opt, batch, "diag")  # probe batch = the gradient's batch
-    hidlr = HiDLR(opt, model, mse, interval=1, slope="gradient", **RAW)
-    hidlr.step(batch)
+    hidlr = HiDLR(opt, model, mse, interval=1, slope="gradient", **RAW, total_steps=None, probes=None)
+    hidlr.step(probe_batch=batch)
     assert hidlr.probe_forwards == 3  # K + 1, against 2K + 1 with slope="probes"
     torch.testing.assert_close(torch.tensor(hidlr.last_fit.proposed), expected, rtol=1e-7, atol=0)
 
@@ -400,6 +404,6 @@ def test_gradient_slope_needs_diag_and_the_default_solver():
     opt = torch.optim.SGD(group_parameters(model, "layer"), lr=1e-3)
     for kwargs in ({"mode": "full"}, {"inner": "hidlr"}, {"design": 9}):
         with pytest.raises(ValueError, match="slope='gradient'"):
-            HiDLR(opt, model, mse, slope="gradient", **kwargs)
+            HiDLR(opt, model, mse, slope="gradient", **kwargs, total_steps=None, probes=None)
     with pytest.raises(ValueError, match="slope must be"):
-        HiDLR(opt, model, mse, slope="hessian")
+        HiDLR(opt, model, mse, slope="hessian", total_steps=None, probes=None)

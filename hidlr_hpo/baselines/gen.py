@@ -39,12 +39,14 @@ def GeN(optimizer: torch.optim.Optimizer, model: nn.Module, loss_fn: LossFn, **o
         >>> import torch
         >>> from hidlr_hpo.baselines import GeN
         >>> model = torch.nn.Linear(3, 1)
-        >>> gen = GeN(torch.optim.SGD(model.parameters(), lr=0.1), model, lambda m, b: m(b).pow(2).mean())
+        >>> loss_fn = lambda m, b: m(b).pow(2).mean()
+        >>> gen = GeN(torch.optim.SGD(model.parameters(), lr=0.1), model, loss_fn, probes=None, total_steps=None)
         >>> gen.interval, gen.guards.min_r2
         (4, 0.99)
 
     Args:
-        overrides: any :class:`HiDLR` keyword argument, replacing GeN's default (e.g. ``horizon=1000``).
+        overrides: :class:`HiDLR`'s keyword arguments: ``probes`` and ``total_steps`` (required, as for HiDLR),
+            and any other, replacing GeN's default.
     """
     if len(optimizer.param_groups) != 1:
         raise ValueError(
