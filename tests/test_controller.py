@@ -365,7 +365,9 @@ def test_batched_probes_give_the_same_trajectory_as_sequential():
         torch.manual_seed(2)
         model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
         opt = torch.optim.AdamW(group_parameters(model, "layer"), lr=1e-2)
-        hidlr = HiDLR(opt, model, loss_fn, interval=2, mode="full", batched_probes=batched, total_steps=None, probes=None)
+        hidlr = HiDLR(
+            opt, model, loss_fn, interval=2, mode="full", batched_probes=batched, total_steps=None, probes=None
+        )
         for _ in range(8):
             loss_fn(model, (x, y)).backward()
             hidlr.step(probe_batch=(x, y) if hidlr.refit_due else None)
