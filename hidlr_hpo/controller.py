@@ -68,8 +68,6 @@ __all__ = ["HiDLR", "RefitRecord"]
 
 _REQUIRED: Any = object()  # marks the constructor's required keyword arguments, for a clearer error
 
-# Below this fraction of the planned horizon the steps are too small to probe reliably: stop refitting.
-_MIN_HORIZON_FACTOR_TO_REFIT = 0.1
 # A gradient changed by more than this relative amount between backward and step was clipped or rescaled.
 _GRAD_CHANGE_TOL = 1e-6
 
@@ -142,8 +140,11 @@ class HiDLR(torch.optim.Optimizer):
             returning a batch. ``None``: pass them as ``step(probe_batch=...)`` (the batch just trained on,
             say). Required: say ``None`` explicitly.
         total_steps: the planned number of optimizer steps; the rates are multiplied by
-            max(0, 1 - t / total_steps) against the short-horizon bias, and refits stop in the last 10%.
-            Required: ``None`` runs without a horizon (greedy rates, which overfit on small tasks).
+            max(0, 1 - t / total_steps) against the short-horizon bias. Required: ``None`` runs without a
+            horizon (greedy rates, which overfit on small tasks).
+        refit_until: refits stop after this fraction of ``total_steps`` and the fitted multipliers are kept
+            (0.9: the last steps are too small to probe reliably; smaller values tune early, then follow
+            the horizon and any schedule, at a fraction of the probe cost).
         interval: refit every this many steps (step 0 included).
         mode: ``"diag"`` (K axis curvatures; 2K + 1 probes) or ``"full"`` (cross terms too).
         design: ``"axial"`` (default for diag), ``"pairwise"`` (default for full), an int (a random
@@ -190,6 +191,7 @@ class HiDLR(torch.optim.Optimizer):
         probes: Any = _REQUIRED,
         total_steps: int | None = _REQUIRED,
         interval: int = 10,
+        refit_until: float = 0.9,
         mode: str = "diag",
         design: str | int | torch.Tensor | None = None,
         delta: float = 1.0,
@@ -237,6 +239,9 @@ class HiDLR(torch.optim.Optimizer):
                 f"total_steps must be None or an int >= 1 (the planned number of steps), got {total_steps!r}"
             )
         self._probe_source = _ProbeSource(probes) if probes is not None else None
+        if not 0.0 < refit_until <= 1.0:
+            raise ValueError(f"refit_until must be a fraction of total_steps in (0, 1], got {refit_until!r}")
+        self.refit_until = float(refit_until)
         if history_size is not None and (
             isinstance(history_size, bool) or not isinstance(history_size, int) or history_size < 1
         ):
@@ -338,9 +343,8 @@ class HiDLR(torch.optim.Optimizer):
     @property
     def refit_due(self) -> bool:
         """Whether the next :meth:`step` refits when given a probe batch (a due refit waits for one)."""
-        return self.step_count >= self.next_refit and self._horizon_factor(self.step_count) >= (
-            _MIN_HORIZON_FACTOR_TO_REFIT if self.horizon else 0.0
-        )
+        in_phase = self.horizon is None or self.step_count < self.refit_until * self.horizon
+        return self.step_count >= self.next_refit and in_phase
 
     def lrs(self) -> list[float]:
         """The rates the last step used, per group (before any step: the rates the first will use)."""
@@ -640,6 +644,7 @@ class HiDLR(torch.optim.Optimizer):
             "interval": self.interval,
             "mode": self.mode,
             "total_steps": self.horizon,
+            "refit_until": self.refit_until,
             "design": design,
             "delta": self.delta,
             "slope": self.slope,
@@ -684,8 +689,9 @@ class HiDLR(torch.optim.Optimizer):
         """Validate HiDLR's part of a state dict; return the function that assigns it."""
         if not isinstance(state, dict):
             raise ValueError(f"state_dict['hidlr'] must be a dict from HiDLR.state_dict(), got {type(state).__name__}")
-        required = ("multipliers", "last_applied", "step_count", "next_refit", "history", "n_refits", "n_rejected",
-                    "n_nonfinite", "probe_forwards", "diagnostic_forwards", "generator", "config")  # fmt: skip
+        required = ("multipliers", "last_applied", "step_count", "next_refit", "history",
+                    "n_refits", "n_rejected", "n_nonfinite", "probe_forwards", "diagnostic_forwards", "generator",
+                    "config")  # fmt: skip
         missing = [key for key in required if key not in state]
         if missing:
             raise ValueError(f"state_dict['hidlr'] is missing {missing}; was it saved by HiDLR.state_dict()?")

@@ -79,6 +79,19 @@ VARIANTS: dict[str, dict] = {
         probe="heldout", schedule="cosine", warmup=0.05, hidlr=dict(GEN_LIKE)
     ),
     "held-out probe, linear decay x fitted multipliers": dict(probe="heldout", schedule="linear", hidlr=dict(GEN_LIKE)),
+    "held-out probe, linear decay x fitted multipliers, bias-corrected smoothing": dict(
+        probe="heldout", schedule="linear", hidlr=dict(GEN_LIKE, smoothing_bias_correction=True)
+    ),
+    "+ held-out probe + horizon, bias-corrected smoothing": dict(
+        probe="heldout", hidlr=dict(GEN_LIKE, horizon=True, smoothing_bias_correction=True)
+    ),
+    # Tune-then-follow: refit in an early phase only, then keep the fitted multipliers under the horizon.
+    "+ held-out probe + horizon, refits in the first 25%": dict(
+        probe="heldout", hidlr=dict(GEN_LIKE, horizon=True, refit_until=0.25)
+    ),
+    "+ held-out probe + horizon, refits in the first 50%": dict(
+        probe="heldout", hidlr=dict(GEN_LIKE, horizon=True, refit_until=0.5)
+    ),
     # The known-linear-term lever: b from the training gradient, K + 1 probes on the training batch.
     "train probe, gradient slope (K + 1 probes), + horizon": dict(
         probe="train", hidlr=dict(GEN_LIKE, horizon=True, slope="gradient")

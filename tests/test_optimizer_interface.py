@@ -141,3 +141,14 @@ def test_one_state_dict_checkpoints_the_base_optimizer_and_hidlr():
     assert h2.param_groups is h2.optimizer.param_groups  # still shared after the base reloaded
     run(m2, h2, range(6, 12))
     assert torch.equal(flat(m2), flat(model)) and h2.lrs() == hidlr.lrs()
+
+
+def test_refits_stop_after_the_refit_phase():
+    model, opt, _ = setup()
+    hidlr = HiDLR(opt, model, mse, probes=[least_squares_batch(seed=1)], total_steps=40, interval=2, refit_until=0.25)
+    for _ in range(40):
+        mse(model, least_squares_batch()).backward()
+        hidlr.step()
+        hidlr.zero_grad()
+    assert [r.step for r in hidlr.history] == [0, 2, 4, 6, 8]  # t < 0.25 * 40
+    assert hidlr.lrs() == pytest.approx((hidlr.base_lrs * (1 - 39 / 40)).tolist())  # the horizon goes on
