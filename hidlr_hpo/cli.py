@@ -16,7 +16,7 @@ from rich.table import Table
 from .config import load_study_config
 from .groups import group_names, group_parameters
 from .report import write_report
-from .study import run_study
+from .study import pin_cpu_kernels, run_study
 from .tasks import get_task
 from .tracking import Tracker, ui_command
 from .training import EpochLog, train
@@ -132,7 +132,12 @@ def run(
     tracking_uri: TrackingUriOption = None,
     tracking: TrackingOption = True,
 ) -> None:
-    """Run a comparison study (a rerun resumes; finished trials are not repeated)."""
+    """Run a comparison study (a rerun resumes; finished trials are not repeated).
+
+    Trials run with a fixed torch thread count (and AVX2 CPU kernels on x86) on any machine: the numbers are the
+    study's own.
+    """
+    pin_cpu_kernels()  # before torch's first CPU operation, which picks the kernels for the process
     cfg = _load(study_file, quick)
     tracker = run_study(cfg, storage=storage, tracking_uri=tracking_uri, tracking=tracking)
     console.print(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,7 +109,8 @@ def write_report(cfg: StudyConfig, out_dir: str | Path | None = None, storage: s
         f"Budget: {cfg.budget.epochs} epochs, batch {cfg.budget.batch_size}. Seeds: {cfg.seeds} "
         "(mean +- std over seeds). Selection: lowest final validation loss; the test split is only reported.  ",
         "Compute: forward-equivalents per example (training step 3, probe forward 1), summed over all of a "
-        "method's trials for one seed" + (f"; 'vs grid compute' divides by `{grid.name}`'s." if grid else "."),
+        "method's trials for one seed" + (f"; 'vs grid compute' divides by `{grid.name}`'s." if grid else ".") + "  ",
+        _numerics(summaries),
         "",
         "| method | configuration | trials/seed | final val loss | best-epoch val loss | test loss | test acc "
         "| compute/seed | vs grid compute | wall s/seed |",
@@ -165,6 +167,42 @@ def write_report(cfg: StudyConfig, out_dir: str | Path | None = None, storage: s
     report = out / "report.md"
     report.write_text("\n".join(lines))
     return report
+
+
+# The trials' user attributes that their numbers depend on beyond the study file (see study.py), with how one
+# value and several values are named.
+_NUMERICS = {
+    "torch_threads": (lambda v: f"{v} intra-op threads", "thread counts"),
+    "cpu_capability": (lambda v: f"CPU kernels {v}", "CPU kernels"),
+    "torch_version": (lambda v: f"torch {v}", "torch versions"),
+}
+
+
+def _numerics(summaries: list[MethodSummary]) -> str:
+    """What the trials ran with: another thread count or vector width changes the low bits of every result."""
+    trials = [t for s in summaries for search in s.searches for t in search]
+    parts, mixed = [], False
+    for key, (one, several) in _NUMERICS.items():
+        counts = Counter(t.user_attrs.get(key) for t in trials)
+        if len(counts) > 1:
+            mixed = True
+            spread = ", ".join(
+                f"{'not recorded' if v is None else v} ({n} trial{'s' if n > 1 else ''})"
+                for v, n in sorted(counts.items(), key=lambda vn: (-vn[1], str(vn[0])))
+            )
+            parts.append(f"different {several}: {spread}")
+        else:
+            (value,) = counts
+            parts.append(one(value) if value is not None else f"{several} not recorded")
+    if mixed:
+        return (
+            f"Numerics: the trials ran with {'; '.join(parts)}. "
+            "**Numbers from different settings are not comparable bit for bit.**"
+        )
+    return (
+        f"Numerics: {'; '.join(parts)} (all {len(trials)} trials). Another thread count or CPU changes the low "
+        "bits, which methods that amplify round-off (Prodigy, D-Adaptation, GeN's preset) make visible."
+    )
 
 
 def _plot_loss_vs_compute(summaries: list[MethodSummary], path: Path) -> None:

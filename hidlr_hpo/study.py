@@ -10,20 +10,28 @@ Each (method, seed) pair is one Optuna study named ``"{study}/{method}/seed{seed
 Every trial's value is its final validation loss (what a grid search selects on); its user attributes hold
 the test metrics, the compute in forward-equivalents, the wall time and the curves that ``hidlr report``
 plots. A rerun resumes: configurations with a finished trial are not trained again, and a trial left
-``RUNNING`` by an interrupted run is marked failed and its configuration run again.
+``RUNNING`` (or enqueued) by an interrupted run is marked failed and its configuration run again.
+
+A study's numbers depend only on its study file and seeds: trials run with :data:`TRIAL_THREADS` intra-op
+threads on any machine, ``hidlr run`` pins torch's CPU kernels to AVX2 (:func:`pin_cpu_kernels`), a resumed
+TPE search draws what an uninterrupted one would, and every trial records what it ran with
+(``torch_threads``, ``cpu_capability``, ``torch_version``), which the report states.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
+import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
+import torch
+from optuna.trial import FrozenTrial, TrialState
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .baselines.gen import GEN_DEFAULTS
@@ -35,7 +43,16 @@ from .tasks import Task, get_task
 from .tracking import Tracker
 from .training import TrainResult, train
 
-__all__ = ["optuna_study_name", "run_study"]
+__all__ = ["TRIAL_THREADS", "optuna_study_name", "pin_cpu_kernels", "run_study"]
+
+# Intra-op threads of every trial, whatever the machine has: the count decides how matrix products and
+# reductions are split, so it changes the low bits of every result, and methods that amplify round-off
+# (Prodigy, D-Adaptation, GeN's preset, Adamax-SAGE at its top rates) then end visibly elsewhere. 2 is what
+# the committed reports ran with; a machine with fewer cores gives the same numbers, only slower.
+TRIAL_THREADS = 2
+# torch's CPU kernels at this vector width wherever the CPU has it: the AVX-512 kernels sum and take exp/log
+# in other orders than the AVX2 ones (the committed reports'), so an AVX-512 machine's numbers differed.
+CPU_KERNELS = "avx2"
 
 
 def optuna_study_name(cfg: StudyConfig, method: MethodConfig, seed: int) -> str:
@@ -49,6 +66,7 @@ class _Plan:
     study: optuna.Study
     missing: int  # trials still to run
     enqueue: list[dict[str, float]]  # grid points without a finished trial
+    search: optuna.Study | None = None  # tpe: the in-memory search that proposes the next trial's rate
 
 
 def run_study(
@@ -66,6 +84,12 @@ def run_study(
     storage = storage or cfg.storage
     tracker = Tracker(tracking_uri, enabled=tracking)
     tracker.start_study(cfg.name, cfg.model_dump())
+    with _threads(TRIAL_THREADS):  # the task's data too: standardising it is a reduction
+        _run_plans(cfg, storage, show_progress, tracker)
+    return tracker
+
+
+def _run_plans(cfg: StudyConfig, storage: str, show_progress: bool, tracker: Tracker) -> None:
     task = get_task(cfg.task.name, **cfg.task.options)
     n_groups = len(group_parameters(task.make_model(0), task.grouping))
     plans = [_plan(cfg, method, seed, storage, n_groups) for method in cfg.methods for seed in cfg.seeds]
@@ -80,10 +104,40 @@ def run_study(
             for params in plan.enqueue:
                 plan.study.enqueue_trial(params)
             objective = _objective(cfg, task, plan.method, plan.seed, n_groups, tracker)
+            callbacks = [lambda s, t: progress.advance(bar)]
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", category=UserWarning)
-                plan.study.optimize(objective, n_trials=plan.missing, callbacks=[lambda s, t: progress.advance(bar)])
-    return tracker
+                if plan.search is None:
+                    plan.study.optimize(objective, n_trials=plan.missing, callbacks=callbacks)
+                    continue
+                for _ in range(plan.missing):  # the search proposes, the stored study runs and records
+                    proposal = plan.search.ask(_tpe_space(plan.method))
+                    plan.study.enqueue_trial(proposal.params)
+                    plan.study.optimize(objective, n_trials=1, callbacks=callbacks)
+                    plan.search.tell(proposal, plan.study.get_trials(deepcopy=False)[-1].value)
+
+
+def pin_cpu_kernels() -> None:
+    """Make torch run its AVX2 CPU kernels on any x86 CPU that has them (AVX-512 ones too), unless the
+    environment already sets ``ATEN_CPU_CAPABILITY``.
+
+    torch picks its kernels once, at the process's first CPU operation: call this before any (``hidlr run``
+    does); afterwards it changes nothing, and the trials' ``cpu_capability`` says what they ran with.
+    """
+    has_avx2 = getattr(torch.cpu, "_is_avx2_supported", lambda: False)  # asks the CPU, picks nothing
+    if "ATEN_CPU_CAPABILITY" not in os.environ and has_avx2():
+        os.environ["ATEN_CPU_CAPABILITY"] = CPU_KERNELS
+
+
+@contextlib.contextmanager
+def _threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``n``, and the caller's restored afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _plan(cfg: StudyConfig, method: MethodConfig, seed: int, storage: str, n_groups: int) -> _Plan:
@@ -105,8 +159,9 @@ def _plan(cfg: StudyConfig, method: MethodConfig, seed: int, storage: str, n_gro
         "epochs": cfg.budget.epochs,
     }.items():
         study.set_user_attr(key, value)
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        # Left running by an interrupted run (one runner per study is assumed): run it again.
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+        # Left running or enqueued by an interrupted run (one runner per study is assumed): run it again, as
+        # planned below; a stale enqueued trial would otherwise be run in place of the one planned.
         study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if isinstance(method, GridMethod | GroupGridMethod):
@@ -114,8 +169,26 @@ def _plan(cfg: StudyConfig, method: MethodConfig, seed: int, storage: str, n_gro
         finished = {tuple(sorted(t.params.items())) for t in done}
         todo = [p for p in grid if tuple(sorted(p.items())) not in finished]
         return _Plan(method, seed, study, len(todo), todo)
-    wanted = method.n_trials if isinstance(method, TPEMethod) else 1
-    return _Plan(method, seed, study, max(0, wanted - len(done)), [])
+    if isinstance(method, TPEMethod):
+        return _Plan(method, seed, study, max(0, method.n_trials - len(done)), [], _tpe_search(method, seed, done))
+    return _Plan(method, seed, study, max(0, 1 - len(done)), [])
+
+
+def _tpe_space(method: TPEMethod) -> dict[str, optuna.distributions.BaseDistribution]:
+    return {"lr": optuna.distributions.FloatDistribution(method.low, method.high, log=True)}
+
+
+def _tpe_search(method: TPEMethod, seed: int, done: list[FrozenTrial]) -> optuna.Study:
+    """The TPE search as an uninterrupted run would have it after the finished trials.
+
+    A sampler fresh from its seed would draw the first trials' rates again on a resume. Asked once per
+    finished trial, in order, and told their values, it makes the draws the original run made (the same
+    ones, as the objective's), and then proposes what that run would have proposed next.
+    """
+    search = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=seed), direction="minimize")
+    for trial in sorted(done, key=lambda t: t.number):
+        search.tell(search.ask(_tpe_space(method)), trial.value)
+    return search
 
 
 def _grid_points(method: GridMethod | GroupGridMethod, n_groups: int) -> list[dict[str, float]]:
@@ -137,9 +210,7 @@ def _sampler(method: MethodConfig, seed: int, n_groups: int) -> optuna.samplers.
             for name, value in point.items():
                 space.setdefault(name, []).append(value)
         return optuna.samplers.GridSampler({k: sorted(set(v)) for k, v in space.items()}, seed=seed)
-    if isinstance(method, TPEMethod):
-        return optuna.samplers.TPESampler(seed=seed)
-    return optuna.samplers.RandomSampler(seed=seed)  # no parameters to sample
+    return optuna.samplers.RandomSampler(seed=seed)  # no parameters to sample (tpe: its search proposes them)
 
 
 def _objective(
@@ -169,6 +240,7 @@ def _objective(
                 schedule=method.schedule,
                 warmup=method.warmup,
             )
+        _record_numerics(trial)
         run = tracker.start_trial(
             method=method.name,
             description=describe(method),
@@ -208,6 +280,13 @@ def hidlr_kwargs(method: HiDLRMethod) -> dict[str, Any]:
     if method.preset == "gen":  # GeN's defaults, unless the study file sets a field explicitly
         own = {**GEN_DEFAULTS, **{k: v for k, v in own.items() if k in method.model_fields_set or k == "horizon"}}
     return {**own, **method.options}
+
+
+def _record_numerics(trial: optuna.Trial) -> None:
+    """What the trial runs with that its numbers depend on beyond the study file (the report states it)."""
+    trial.set_user_attr("torch_threads", torch.get_num_threads())
+    trial.set_user_attr("cpu_capability", torch.backends.cpu.get_cpu_capability())
+    trial.set_user_attr("torch_version", torch.__version__)
 
 
 def _record(trial: optuna.Trial, result: TrainResult) -> None:
