@@ -129,6 +129,27 @@ class HiDLRMethod(_BaseOptimizer):
         return self
 
 
+Pruner = Literal["none", "successive-halving", "hyperband"]
+
+
+class HiDLRSearchMethod(HiDLRMethod):
+    """The outer search: TPE over Hi-DLR's starting rate, each trial one Hi-DLR run reporting its validation loss
+    every epoch, pruned by Optuna's successive-halving or Hyperband pruner (pruned trials' compute counts)."""
+
+    kind: Literal["hidlr-search"]  # type: ignore[assignment]
+    n_trials: int = Field(12, ge=1)
+    low: float = 1e-4
+    high: float = 1e-1
+    pruner: Pruner = "successive-halving"
+
+    @model_validator(mode="after")
+    def _search_range(self) -> HiDLRSearchMethod:
+        _check_range(self.low, self.high)
+        if self.preset != "hidlr":
+            raise ValueError("hidlr-search searches Hi-DLR's own settings: leave preset unset")
+        return self
+
+
 class FixedMethod(_Scheduled):
     """The base optimizer at one fixed learning rate (e.g. AdamW's default 1e-3)."""
 
@@ -168,18 +189,26 @@ class TPEMethod(_Scheduled):
     n_trials: int = Field(8, ge=1)
     low: float = 1e-5
     high: float = 1.0
+    pruner: Pruner = Field("none", description="stop poor trials early on their per-epoch validation loss")
 
     @model_validator(mode="after")
     def _range(self) -> TPEMethod:
-        _positive_lr(self.low)
-        _positive_lr(self.high)
-        if not self.low < self.high:
-            raise ValueError(f"low must be < high, got low={self.low}, high={self.high}")
+        _check_range(self.low, self.high)
         return self
 
 
+def _check_range(low: float, high: float) -> None:
+    _positive_lr(low)
+    _positive_lr(high)
+    if not low < high:
+        raise ValueError(f"low must be < high, got low={low}, high={high}")
+
+
+SearchMethod = TPEMethod | HiDLRSearchMethod
+
 MethodConfig = Annotated[
-    HiDLRMethod | FixedMethod | GridMethod | GroupGridMethod | TPEMethod, Field(discriminator="kind")
+    HiDLRMethod | HiDLRSearchMethod | FixedMethod | GridMethod | GroupGridMethod | TPEMethod,
+    Field(discriminator="kind"),
 ]
 
 
@@ -242,6 +271,12 @@ _OPTIMIZER_LABELS = {
 def describe_method(method: MethodConfig) -> str:
     """A short description of a method's configuration for the table."""
     opt = _OPTIMIZER_LABELS.get(method.optimizer, method.optimizer)
+    pruned = "" if getattr(method, "pruner", "none") == "none" else f", {method.pruner} pruning"  # type: ignore[union-attr]
+    if isinstance(method, HiDLRSearchMethod):
+        return (
+            f"TPE over Hi-DLR {method.mode}'s starting lr in [{method.low:g}, {method.high:g}], "
+            f"{method.n_trials} trials{pruned}, on {opt}, probe {method.probe}"
+        )
     if isinstance(method, HiDLRMethod):
         if method.preset == "gen":
             return f"GeN preset (interval 4, R^2 >= 0.99) on {opt}, from lr={method.lr:g}, probe {method.probe}"
@@ -256,4 +291,4 @@ def describe_method(method: MethodConfig) -> str:
         return f"{opt}, uniform lr grid, {len(method.lrs)} values {min(method.lrs):g}..{max(method.lrs):g}{schedule}"
     if isinstance(method, GroupGridMethod):
         return f"{opt}, per-group lr grid, {len(method.lrs)} values per group{schedule}"
-    return f"{opt}, TPE over uniform lr in [{method.low:g}, {method.high:g}]{schedule}"
+    return f"{opt}, TPE over uniform lr in [{method.low:g}, {method.high:g}]{schedule}{pruned}"

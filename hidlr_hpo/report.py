@@ -33,7 +33,8 @@ class MethodSummary:
     selected: list[FrozenTrial] = field(default_factory=list)  # one per seed
     compute: list[float] = field(default_factory=list)  # per seed, all trials
     wall: list[float] = field(default_factory=list)  # per seed, all trials
-    trials_per_seed: list[int] = field(default_factory=list)
+    trials_per_seed: list[int] = field(default_factory=list)  # complete and pruned
+    pruned_per_seed: list[int] = field(default_factory=list)
     searches: list[list[FrozenTrial]] = field(default_factory=list)  # per seed, in trial order
 
     def metric(self, key: str) -> list[float]:
@@ -70,11 +71,14 @@ def collect(cfg: StudyConfig, storage: str | None = None) -> list[MethodSummary]
             done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
             if not done:
                 continue
+            # A pruned trial is not selectable, but what it spent up to the pruning counts.
+            spent = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
             summary.selected.append(min(done, key=lambda t: (t.value, t.number)))
-            summary.compute.append(sum(t.user_attrs.get("compute", 0.0) for t in done))
-            summary.wall.append(sum(t.user_attrs.get("wall_seconds", 0.0) for t in done))
-            summary.trials_per_seed.append(len(done))
-            summary.searches.append(sorted(done, key=lambda t: t.number))
+            summary.compute.append(sum(t.user_attrs.get("compute", 0.0) for t in spent))
+            summary.wall.append(sum(t.user_attrs.get("wall_seconds", 0.0) for t in spent))
+            summary.trials_per_seed.append(len(spent))
+            summary.pruned_per_seed.append(len(spent) - len(done))
+            summary.searches.append(sorted(spent, key=lambda t: t.number))
         summaries.append(summary)
     return summaries
 
@@ -122,7 +126,8 @@ def write_report(cfg: StudyConfig, out_dir: str | Path | None = None, storage: s
         cells = [
             s.name,
             describe_method(_config(cfg, s.name)),
-            f"{statistics.mean(s.trials_per_seed):.0f}",
+            f"{statistics.mean(s.trials_per_seed):.0f}"
+            + (f" ({statistics.mean(s.pruned_per_seed):.0f} pruned)" if any(s.pruned_per_seed) else ""),
             _mean_std(s.metric("final_val_loss")),
             _mean_std(s.metric("best_val_loss")),
             _mean_std(s.metric("test_loss")),

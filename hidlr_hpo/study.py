@@ -5,7 +5,12 @@ Each (method, seed) pair is one Optuna study named ``"{study}/{method}/seed{seed
 - ``hidlr`` and ``fixed``: one trial (one training run);
 - ``grid``: Optuna's ``GridSampler`` over the uniform learning rate, one trial per grid value;
 - ``group-grid``: ``GridSampler`` over one learning rate per group (the product grid);
-- ``tpe``: Optuna's ``TPESampler`` over the uniform learning rate, ``n_trials`` trials.
+- ``tpe``: Optuna's ``TPESampler`` over the uniform learning rate, ``n_trials`` trials;
+- ``hidlr-search``: the outer search, TPE over Hi-DLR's starting rate, each trial one Hi-DLR run.
+
+Every trial reports its validation loss after each epoch (``trial.report``: learning curves in
+optuna-dashboard); a method with a ``pruner`` stops poor trials early (Optuna's successive-halving or
+Hyperband pruner), and a pruned trial's compute up to that epoch counts in the method's total.
 
 Every trial's value is its final validation loss (what a grid search selects on); its user attributes hold
 the test metrics, the compute in forward-equivalents, the wall time and the curves that ``hidlr report``
@@ -24,6 +29,7 @@ import contextlib
 import itertools
 import math
 import os
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -35,13 +41,21 @@ from optuna.trial import FrozenTrial, TrialState
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .baselines.gen import GEN_DEFAULTS
-from .config import FixedMethod, GridMethod, GroupGridMethod, HiDLRMethod, MethodConfig, StudyConfig, TPEMethod
+from .config import (
+    FixedMethod,
+    GridMethod,
+    GroupGridMethod,
+    HiDLRMethod,
+    MethodConfig,
+    SearchMethod,
+    StudyConfig,
+)
 from .config import describe_method as describe
 from .groups import group_parameters
 from .plots import plt, trial_figures
 from .tasks import Task, get_task
 from .tracking import Tracker
-from .training import TrainResult, train
+from .training import EpochLog, TrainResult, train
 
 __all__ = ["TRIAL_THREADS", "optuna_study_name", "pin_cpu_kernels", "run_study"]
 
@@ -111,10 +125,10 @@ def _run_plans(cfg: StudyConfig, storage: str, show_progress: bool, tracker: Tra
                     plan.study.optimize(objective, n_trials=plan.missing, callbacks=callbacks)
                     continue
                 for _ in range(plan.missing):  # the search proposes, the stored study runs and records
-                    proposal = plan.search.ask(_tpe_space(plan.method))
+                    proposal = plan.search.ask(_tpe_space(plan.method))  # type: ignore[arg-type]
                     plan.study.enqueue_trial(proposal.params)
                     plan.study.optimize(objective, n_trials=1, callbacks=callbacks)
-                    plan.search.tell(proposal, plan.study.get_trials(deepcopy=False)[-1].value)
+                    _tell(plan.search, proposal, plan.study.get_trials(deepcopy=False)[-1])
 
 
 def pin_cpu_kernels() -> None:
@@ -146,6 +160,7 @@ def _plan(cfg: StudyConfig, method: MethodConfig, seed: int, storage: str, n_gro
         study_name=optuna_study_name(cfg, method, seed),
         storage=storage,
         sampler=sampler,
+        pruner=_pruner(method, cfg.budget.epochs),
         direction="minimize",
         load_if_exists=True,
     )
@@ -163,32 +178,55 @@ def _plan(cfg: StudyConfig, method: MethodConfig, seed: int, storage: str, n_gro
         # Left running or enqueued by an interrupted run (one runner per study is assumed): run it again, as
         # planned below; a stale enqueued trial would otherwise be run in place of the one planned.
         study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
     if isinstance(method, GridMethod | GroupGridMethod):
         grid = _grid_points(method, n_groups)
         finished = {tuple(sorted(t.params.items())) for t in done}
         todo = [p for p in grid if tuple(sorted(p.items())) not in finished]
         return _Plan(method, seed, study, len(todo), todo)
-    if isinstance(method, TPEMethod):
+    if isinstance(method, SearchMethod):
         return _Plan(method, seed, study, max(0, method.n_trials - len(done)), [], _tpe_search(method, seed, done))
     return _Plan(method, seed, study, max(0, 1 - len(done)), [])
 
 
-def _tpe_space(method: TPEMethod) -> dict[str, optuna.distributions.BaseDistribution]:
+def _pruner(method: MethodConfig, epochs: int) -> optuna.pruners.BasePruner:
+    """Successive halving or Hyperband over epochs (a third of the trials go on at each rung), or none."""
+    kind = getattr(method, "pruner", "none")
+    min_epochs = max(1, epochs // 10)
+    if kind == "successive-halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=min_epochs, reduction_factor=3)
+    if kind == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=min_epochs, max_resource=epochs, reduction_factor=3)
+    return optuna.pruners.NopPruner()
+
+
+def _tpe_space(method: SearchMethod) -> dict[str, optuna.distributions.BaseDistribution]:
     return {"lr": optuna.distributions.FloatDistribution(method.low, method.high, log=True)}
 
 
-def _tpe_search(method: TPEMethod, seed: int, done: list[FrozenTrial]) -> optuna.Study:
+def _tpe_search(method: SearchMethod, seed: int, done: list[FrozenTrial]) -> optuna.Study:
     """The TPE search as an uninterrupted run would have it after the finished trials.
 
     A sampler fresh from its seed would draw the first trials' rates again on a resume. Asked once per
-    finished trial, in order, and told their values, it makes the draws the original run made (the same
+    finished trial, in order, and told their results, it makes the draws the original run made (the same
     ones, as the objective's), and then proposes what that run would have proposed next.
     """
     search = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=seed), direction="minimize")
     for trial in sorted(done, key=lambda t: t.number):
-        search.tell(search.ask(_tpe_space(method)), trial.value)
+        _tell(search, search.ask(_tpe_space(method)), trial)
     return search
+
+
+def _tell(search: optuna.Study, proposal: optuna.Trial, stored: FrozenTrial) -> None:
+    """Tell the in-memory search how the stored trial ended: its value, or its curve up to the pruning."""
+    if stored.state == TrialState.COMPLETE:
+        search.tell(proposal, stored.value)
+    elif stored.state == TrialState.PRUNED:
+        for step, value in sorted(stored.intermediate_values.items()):
+            proposal.report(value, step)  # TPE ranks a pruned trial by its last reported value
+        search.tell(proposal, state=TrialState.PRUNED)
+    else:
+        search.tell(proposal, state=TrialState.FAIL)
 
 
 def _grid_points(method: GridMethod | GroupGridMethod, n_groups: int) -> list[dict[str, float]]:
@@ -225,13 +263,13 @@ def _objective(
         elif isinstance(method, GroupGridMethod):
             lo, hi = min(method.lrs), max(method.lrs)
             kwargs["lr"] = [trial.suggest_float(f"lr{k}", lo, hi, log=True) for k in range(n_groups)]
-        elif isinstance(method, TPEMethod):
+        elif isinstance(method, SearchMethod):
             kwargs["lr"] = trial.suggest_float("lr", method.low, method.high, log=True)
         elif isinstance(method, FixedMethod):
             kwargs["lr"] = method.lr
-        elif isinstance(method, HiDLRMethod):
-            kwargs.update(lr=method.lr, probe=method.probe, grouping=method.grouping, hidlr=hidlr_kwargs(method))
         if isinstance(method, HiDLRMethod):
+            kwargs.setdefault("lr", method.lr)  # a search's trials start from the rate it proposes
+            kwargs.update(probe=method.probe, grouping=method.grouping, hidlr=hidlr_kwargs(method))
             kwargs.update(optimizer=method.optimizer, optimizer_options=method.optimizer_options)
         else:
             kwargs.update(
@@ -251,13 +289,21 @@ def _objective(
         )
         if run.active and "hidlr" in kwargs:
             kwargs["hidlr"] = {**kwargs["hidlr"], "measure_realised": True}  # diagnostic only: same trajectory
+        pruned = getattr(method, "pruner", "none") != "none"
+        started = time.perf_counter()
+
+        def on_epoch(log: EpochLog) -> None:
+            run.epoch(log)
+            trial.report(log.val_loss if math.isfinite(log.val_loss) else math.inf, log.epoch)
+            if pruned and log.epoch + 1 < budget.epochs and trial.should_prune():
+                _record_partial(trial, log, time.perf_counter() - started)
+                raise optuna.TrialPruned(f"pruned after epoch {log.epoch + 1}: val loss {log.val_loss:.4g}")
+
         try:
-            result = train(
-                task,
-                on_epoch=run.epoch,
-                on_refit=run.refit,
-                **kwargs,
-            )
+            result = train(task, on_epoch=on_epoch, on_refit=run.refit, **kwargs)
+        except optuna.TrialPruned:
+            run.finish({"compute": trial.user_attrs.get("compute", 0.0)})
+            raise
         except BaseException:
             run.finish({}, failed=True)
             raise
@@ -287,6 +333,14 @@ def _record_numerics(trial: optuna.Trial) -> None:
     trial.set_user_attr("torch_threads", torch.get_num_threads())
     trial.set_user_attr("cpu_capability", torch.backends.cpu.get_cpu_capability())
     trial.set_user_attr("torch_version", torch.__version__)
+
+
+def _record_partial(trial: optuna.Trial, log: EpochLog, seconds: float) -> None:
+    """What a pruned trial spent: its compute, time and epochs up to the pruning (counted in the method's total)."""
+    trial.set_user_attr("compute", log.compute)
+    trial.set_user_attr("wall_seconds", seconds)
+    trial.set_user_attr("epochs_run", log.epoch + 1)
+    trial.set_user_attr("final_val_loss", log.val_loss if math.isfinite(log.val_loss) else None)
 
 
 def _record(trial: optuna.Trial, result: TrainResult) -> None:

@@ -1,0 +1,80 @@
+"""The outer search (hidlr-search) and the pruned TPE baseline: per-epoch reports, pruning, compute counted."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from hidlr_hpo.config import StudyConfig
+from hidlr_hpo.report import collect, write_report
+from hidlr_hpo.study import optuna_study_name, run_study
+
+
+@pytest.fixture(autouse=True)
+def _float32():
+    torch.set_default_dtype(torch.float32)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def study(tmp_path, n_trials=6, pruner="successive-halving") -> StudyConfig:
+    return StudyConfig.model_validate(
+        {
+            "name": "search",
+            "seeds": [0],
+            "storage": f"sqlite:///{tmp_path / 'studies.db'}",
+            "results_dir": str(tmp_path / "report"),
+            "task": {"name": "digits"},
+            "budget": {"epochs": 6, "batch_size": 256},
+            "methods": [
+                {"name": "hidlr-search", "kind": "hidlr-search", "n_trials": n_trials, "pruner": pruner},
+                {"name": "tpe-pruned", "kind": "tpe", "n_trials": n_trials, "low": 1e-4, "high": 1e-1, "pruner": pruner},
+            ],
+        }
+    )
+
+
+def trials(cfg, name, states=None):
+    method = next(m for m in cfg.methods if m.name == name)
+    return optuna.load_study(study_name=optuna_study_name(cfg, method, 0), storage=cfg.storage).get_trials(
+        states=states
+    )
+
+
+def test_the_outer_search_reports_every_epoch_prunes_and_counts_pruned_compute(tmp_path):
+    cfg = study(tmp_path)
+    run_study(cfg, show_progress=False, tracking=False)
+    for name in ("hidlr-search", "tpe-pruned"):
+        finished = trials(cfg, name)
+        assert len(finished) == 6 and {t.state for t in finished} <= {TrialState.COMPLETE, TrialState.PRUNED}
+        pruned = [t for t in finished if t.state == TrialState.PRUNED]
+        assert pruned, name  # successive halving stops some trials on their first rungs
+        for t in finished:
+            assert 1e-4 <= t.params["lr"] <= 1e-1
+            assert sorted(t.intermediate_values) == list(range(len(t.intermediate_values)))  # epoch by epoch
+        for t in pruned:
+            assert t.user_attrs["epochs_run"] < 6 and t.user_attrs["compute"] > 0
+            assert len(t.intermediate_values) == t.user_attrs["epochs_run"]
+        complete = [t for t in finished if t.state == TrialState.COMPLETE]
+        assert all(len(t.intermediate_values) == 6 for t in complete)
+    summary = next(s for s in collect(cfg) if s.name == "hidlr-search")
+    everything = sum(t.user_attrs["compute"] for t in trials(cfg, "hidlr-search"))
+    assert summary.compute == [pytest.approx(everything)]  # pruned trials' compute counts
+    assert summary.trials_per_seed == [6] and summary.pruned_per_seed[0] >= 1
+    report = write_report(cfg).read_text()
+    assert "TPE over Hi-DLR diag's starting lr in [0.0001, 0.1], 6 trials, successive-halving pruning" in report
+    assert "pruned)" in report
+
+
+def test_a_resumed_search_proposes_what_an_uninterrupted_one_would(tmp_path):
+    (tmp_path / "whole").mkdir()
+    (tmp_path / "parts").mkdir()
+    whole = study(tmp_path / "whole", n_trials=5)
+    run_study(whole, show_progress=False, tracking=False)
+    parts = study(tmp_path / "parts", n_trials=3)
+    run_study(parts, show_progress=False, tracking=False)  # stopped after 3 trials ...
+    run_study(study(tmp_path / "parts", n_trials=5), show_progress=False, tracking=False)  # ... resumed
+    for name in ("hidlr-search", "tpe-pruned"):
+        expected = [(t.params["lr"], t.state, t.value) for t in trials(whole, name)]
+        assert [(t.params["lr"], t.state, t.value) for t in trials(parts, name)] == expected
