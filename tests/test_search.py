@@ -29,7 +29,14 @@ def study(tmp_path, n_trials=6, pruner="successive-halving") -> StudyConfig:
             "budget": {"epochs": 6, "batch_size": 256},
             "methods": [
                 {"name": "hidlr-search", "kind": "hidlr-search", "n_trials": n_trials, "pruner": pruner},
-                {"name": "tpe-pruned", "kind": "tpe", "n_trials": n_trials, "low": 1e-4, "high": 1e-1, "pruner": pruner},
+                {
+                    "name": "tpe-pruned",
+                    "kind": "tpe",
+                    "n_trials": n_trials,
+                    "low": 1e-4,
+                    "high": 1e-1,
+                    "pruner": pruner,
+                },
             ],
         }
     )
