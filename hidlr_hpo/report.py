@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
+from scipy import stats
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -36,6 +37,7 @@ class MethodSummary:
     trials_per_seed: list[int] = field(default_factory=list)  # complete and pruned
     pruned_per_seed: list[int] = field(default_factory=list)
     searches: list[list[FrozenTrial]] = field(default_factory=list)  # per seed, in trial order
+    seeds: list[int] = field(default_factory=list)  # the seed of each entry above
 
     def metric(self, key: str) -> list[float]:
         values = [t.value if key == "final_val_loss" else t.user_attrs.get(key) for t in self.selected]
@@ -79,6 +81,7 @@ def collect(cfg: StudyConfig, storage: str | None = None) -> list[MethodSummary]
             summary.trials_per_seed.append(len(spent))
             summary.pruned_per_seed.append(len(spent) - len(done))
             summary.searches.append(sorted(spent, key=lambda t: t.number))
+            summary.seeds.append(seed)
         summaries.append(summary)
     return summaries
 
@@ -138,29 +141,7 @@ def write_report(cfg: StudyConfig, out_dir: str | Path | None = None, storage: s
         ]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    for g in [s for s in summaries if s.kind in ("grid", "group-grid")]:
-        target, target_sd = statistics.mean(g.metric("final_val_loss")), _sd(g.metric("final_val_loss"))
-        g_compute = statistics.mean(g.compute)
-        lines += [
-            f"Against `{g.name}` ({g.kind}, final validation loss {target:.4f} +- {target_sd:.4f}, "
-            f"{g_compute / 1e3:,.0f}k forward-equivalents per seed):",
-            "",
-        ]
-        for s in summaries:
-            if s.kind != "hidlr":
-                continue
-            mean, sd = statistics.mean(s.metric("final_val_loss")), _sd(s.metric("final_val_loss"))
-            if mean <= target:
-                verdict = "reached it"
-            elif mean - target <= max(sd, target_sd):
-                verdict = f"did not reach it ({(mean / target - 1) * 100:+.0f}%, within one seed standard deviation)"
-            else:
-                verdict = f"did not reach it ({(mean / target - 1) * 100:+.0f}%)"
-            lines.append(
-                f"- `{s.name}` {verdict}: {mean:.4f} +- {sd:.4f} at "
-                f"{statistics.mean(s.compute) / g_compute:.0%} of its compute."
-            )
-        lines.append("")
+    lines += _paired_section(summaries)
     lines += _sage_section(cfg, summaries, out)
     lines += ["![validation loss against compute](val_loss_vs_compute.png)", ""]
     _plot_loss_vs_compute(summaries, out / "val_loss_vs_compute.png")
@@ -208,6 +189,71 @@ def _numerics(summaries: list[MethodSummary]) -> str:
         f"Numerics: {'; '.join(parts)} (all {len(trials)} trials). Another thread count or CPU changes the low "
         "bits, which methods that amplify round-off (Prodigy, D-Adaptation, GeN's preset) make visible."
     )
+
+
+# The methods under test, and the searches they are judged against.
+_CANDIDATES = ("hidlr", "hidlr-search")
+_REFERENCES = ("grid", "group-grid", "tpe")
+
+
+def paired_difference(a: list[float], b: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """Mean of the per-seed differences a_i - b_i and its two-sided t-interval: (mean, low, high).
+
+    Example:
+        >>> mean, low, high = paired_difference([1.0, 2.0, 3.0], [1.5, 2.4, 3.6])
+        >>> round(mean, 4), round(low, 4), round(high, 4)
+        (-0.5, -0.7484, -0.2516)
+    """
+    d = [x - y for x, y in zip(a, b, strict=True)]
+    mean = statistics.mean(d)
+    if len(d) < 2:
+        return mean, -math.inf, math.inf  # one seed: no interval, so never a win or a loss
+    half = float(stats.t.ppf(0.5 + confidence / 2, len(d) - 1)) * statistics.stdev(d) / math.sqrt(len(d))
+    return mean, mean - half, mean + half
+
+
+def _verdict(candidate: MethodSummary, reference: MethodSummary, key: str) -> str:
+    """'better' / 'worse' only when the paired 95% interval excludes 0; else 'tie'."""
+    seeds = [seed for seed in candidate.seeds if seed in reference.seeds]
+    a = [candidate.metric(key)[candidate.seeds.index(seed)] for seed in seeds]
+    b = [reference.metric(key)[reference.seeds.index(seed)] for seed in seeds]
+    if not seeds or not all(math.isfinite(v) for v in a + b):
+        return "-"
+    mean, low, high = paired_difference(a, b)
+    word = "**better**" if high < 0 else "**worse**" if low > 0 else "tie"
+    return f"{word} {mean:+.4f} [{low:+.4f}, {high:+.4f}]"
+
+
+def _paired_section(summaries: list[MethodSummary]) -> list[str]:
+    candidates = [s for s in summaries if s.kind in _CANDIDATES]
+    references = [s for s in summaries if s.kind in _REFERENCES]
+    if not candidates or not references:
+        return []
+    lines = [
+        "## Paired comparisons over seeds",
+        "",
+        "Each cell: the method's loss minus the search's, seed by seed (the selected configuration of each), "
+        "mean and 95% t-interval over the seeds. **better** or **worse** only when the interval excludes 0; "
+        "otherwise a tie. Then the method's compute as a fraction of the search's.",
+        "",
+    ]
+    for key, label in (("final_val_loss", "final validation loss"), ("test_loss", "test loss")):
+        lines += [
+            f"{label[0].upper()}{label[1:]}:",
+            "",
+            "| method | " + " | ".join(f"vs `{r.name}`" for r in references) + " |",
+            "|---|" + "---|" * len(references),
+        ]
+        for c in candidates:
+            cells = []
+            for r in references:
+                cell = _verdict(c, r, key)
+                if key == "final_val_loss":
+                    cell += f", {statistics.mean(c.compute) / statistics.mean(r.compute):.0%} compute"
+                cells.append(cell)
+            lines.append(f"| `{c.name}` | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
 
 
 def _plot_loss_vs_compute(summaries: list[MethodSummary], path: Path) -> None:
