@@ -62,7 +62,8 @@ def group_parameters(
     Returns:
         Groups in order of first appearance in ``model.named_parameters()``.
     """
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    # torch.compile wraps the model as `_orig_mod`: its groups keep the model's own names.
+    named = [(n.removeprefix("_orig_mod."), p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("the model has no trainable parameters (all have requires_grad=False)")
 
