@@ -125,8 +125,8 @@ class HiDLR(torch.optim.Optimizer):
         (2, 5)
 
     The rates: each group steps with ``group["lr"] * m_k * h(t)`` (see the module docstring); HiDLR fits the
-    multipliers m_k, an LR scheduler or the user may set ``group["lr"]`` as usual. Checkpoints: save
-    ``optimizer.state_dict()`` and ``hidlr.state_dict()`` (like an LR scheduler, HiDLR keeps only its own).
+    multipliers m_k, an LR scheduler or the user may set ``group["lr"]`` as usual. Checkpoints:
+    ``hidlr.state_dict()`` holds the base optimizer's state and HiDLR's own.
 
     Args:
         optimizer: the base optimizer; its param groups are the K groups (see ``group_parameters``). Its step
@@ -270,7 +270,7 @@ class HiDLR(torch.optim.Optimizer):
                     f"group {name!r} holds parameters that are not in the model; loss_fn could not probe them"
                 )
 
-        self.optimizer = optimizer
+        self._base = optimizer  # private: wrappers (Lightning's) define their own `optimizer` attribute
         # One optimizer to the outside: the base's groups and state, shared (as timm's Lookahead); __setstate__
         # also sets up torch's step hooks and profiling.
         self.__setstate__(
@@ -328,8 +328,13 @@ class HiDLR(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------------------------------------
     @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The base optimizer HiDLR steps."""
+        return self._base
+
+    @property
     def num_groups(self) -> int:
-        return len(self.optimizer.param_groups)
+        return len(self._base.param_groups)
 
     @property
     def last_fit(self) -> RefitRecord | None:
@@ -357,7 +362,7 @@ class HiDLR(torch.optim.Optimizer):
 
     def _scheduled_lrs(self) -> torch.Tensor:
         """Each group's own ``lr`` as the user or a scheduler set it: read, never assumed."""
-        lrs = torch.tensor([float(g["lr"]) for g in self.optimizer.param_groups], dtype=torch.float64)
+        lrs = torch.tensor([float(g["lr"]) for g in self._base.param_groups], dtype=torch.float64)
         bad = [
             (n, lr) for n, lr in zip(self.group_names, lrs.tolist(), strict=True) if not (lr >= 0 and math.isfinite(lr))
         ]
@@ -366,7 +371,7 @@ class HiDLR(torch.optim.Optimizer):
         return lrs
 
     def _set_lrs(self, lrs: torch.Tensor) -> None:
-        for group, lr in zip(self.optimizer.param_groups, lrs.tolist(), strict=True):
+        for group, lr in zip(self._base.param_groups, lrs.tolist(), strict=True):
             group["lr"] = lr
 
     def _warn_once(self, key: str, message: str) -> None:
@@ -391,7 +396,11 @@ class HiDLR(torch.optim.Optimizer):
                 "step(probe_batch=...)"
             )
         due = self.refit_due
-        if probe_batch is None and due and self._probe_source is not None:
+        scheduled = self._scheduled_lrs()
+        factor = self._horizon_factor(self.step_count)
+        level = scheduled * self.multipliers  # eta0 = lr * m
+        applied = level * factor  # the rates this step uses
+        if probe_batch is None and due and self._probe_source is not None and bool((applied > 0).any()):
             probe_batch = self._probe_source.draw()
         if probe_batch is not None and not due:
             self._warn_once(
@@ -405,10 +414,6 @@ class HiDLR(torch.optim.Optimizer):
                 f"HiDLR has had no probe batch for {self.step_count - self.next_refit} steps since a refit fell due, "
                 "so its rates have not been refitted; pass one to step() when hidlr.refit_due is True.",
             )
-        scheduled = self._scheduled_lrs()
-        factor = self._horizon_factor(self.step_count)
-        level = scheduled * self.multipliers  # eta0 = lr * m
-        applied = level * factor  # the rates this step uses
         refit = probe_batch is not None and due and bool((applied > 0).any())
         if refit and self.slope == "gradient":
             self._check_gradient_function()
@@ -420,7 +425,7 @@ class HiDLR(torch.optim.Optimizer):
         self._set_lrs(applied)
         stepped = False
         try:
-            loss = self.optimizer.step(closure)
+            loss = self._base.step(closure)
             stepped = True
             self._last_applied = applied
             if start is not None:
@@ -567,7 +572,7 @@ class HiDLR(torch.optim.Optimizer):
 
     def _check_gradient_unchanged(self) -> None:
         """slope='gradient' needs p.grad exactly as backward left it: refuse clipping and (un)scaling."""
-        for name, group in zip(self.group_names, self.optimizer.param_groups, strict=True):
+        for name, group in zip(self.group_names, self._base.param_groups, strict=True):
             for p in group["params"]:
                 recorded = self._grad_sumsq.get(id(p))
                 if recorded is None or p.grad is None:
@@ -627,8 +632,20 @@ class HiDLR(torch.optim.Optimizer):
             for p, s in zip(group, g_start, strict=True):
                 p.copy_(torch.lerp(s, p, c))
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch's Optimizer pickles only defaults, state and param_groups; HiDLR is more. Hooks are re-made.
+        state = {k: v for k, v in self.__dict__.items() if k != "_hooks"}
+        if state.get("_probe_source") is not None:
+            state["_probe_source"] = state["_probe_source"].restartable()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if getattr(self, "slope", None) == "gradient" and "_hooks" not in self.__dict__:  # unpickled
+            self._hooks = _register_grad_hooks(self, [p for g in self.param_groups for p in g["params"]])
+
     def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
+        self._base.zero_grad(set_to_none=set_to_none)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if hasattr(self, "optimizer"):  # after construction the groups are HiDLR's K axes: fixed
@@ -655,7 +672,7 @@ class HiDLR(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state dict, with HiDLR's own state under ``"hidlr"``: one object to checkpoint."""
-        return {**self.optimizer.state_dict(), "hidlr": self._own_state()}
+        return {**self._base.state_dict(), "hidlr": self._own_state()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a :meth:`state_dict`: everything is checked first, nothing is changed unless all of it loads."""
@@ -665,8 +682,8 @@ class HiDLR(torch.optim.Optimizer):
                 "under 'hidlr'); a plain optimizer state dict goes to hidlr.optimizer.load_state_dict"
             )
         assign = self._check_own_state(state_dict["hidlr"])
-        self.optimizer.load_state_dict({k: v for k, v in state_dict.items() if k != "hidlr"})
-        self.param_groups, self.state = self.optimizer.param_groups, self.optimizer.state  # the base made new ones
+        self._base.load_state_dict({k: v for k, v in state_dict.items() if k != "hidlr"})
+        self.param_groups, self.state = self._base.param_groups, self._base.state  # the base made new ones
         assign()
 
     def _own_state(self) -> dict[str, Any]:
@@ -739,7 +756,7 @@ class HiDLR(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         rates = ", ".join(f"{n}={lr:.3g}" for n, lr in zip(self.group_names, self.lrs(), strict=True))
-        return f"HiDLR({type(self.optimizer).__name__}, mode={self.mode}, interval={self.interval}, lrs: {rates})"
+        return f"HiDLR({type(self._base).__name__}, mode={self.mode}, interval={self.interval}, lrs: {rates})"
 
 
 class _ProbeSource:
@@ -757,6 +774,13 @@ class _ProbeSource:
                 f"probes must be an iterable of batches (a DataLoader), an iterator or a callable returning a batch, "
                 f"or None; got {type(probes).__name__}"
             )
+
+    def restartable(self) -> _ProbeSource:
+        """A copy without the running iterator (which cannot be pickled); it restarts the iterable."""
+        copy = _ProbeSource.__new__(_ProbeSource)
+        copy._draw, copy._iterable = self._draw, self._iterable
+        copy._iterator = self._iterator if self._iterable is None else None
+        return copy
 
     def draw(self) -> Any:
         if self._draw is not None:

@@ -212,14 +212,29 @@ def paired_difference(a: list[float], b: list[float], confidence: float = 0.95) 
     return mean, mean - half, mean + half
 
 
+def _common_seeds(candidate: MethodSummary, reference: MethodSummary) -> list[int]:
+    return [seed for seed in candidate.seeds if seed in reference.seeds]
+
+
 def _verdict(candidate: MethodSummary, reference: MethodSummary, key: str) -> str:
-    """'better' / 'worse' only when the paired 95% interval excludes 0; else 'tie'."""
-    seeds = [seed for seed in candidate.seeds if seed in reference.seeds]
+    """'better' / 'worse' only when the paired 95% interval excludes 0; else 'tie'. A run that diverged (a
+    non-finite loss) loses its seed: 'worse' when only the method diverged there, 'better' when only the search
+    did; the interval is then over the other seeds."""
+    seeds = _common_seeds(candidate, reference)
     a = [candidate.metric(key)[candidate.seeds.index(seed)] for seed in seeds]
     b = [reference.metric(key)[reference.seeds.index(seed)] for seed in seeds]
-    if not seeds or not all(math.isfinite(v) for v in a + b):
+    if not seeds:
         return "-"
-    mean, low, high = paired_difference(a, b)
+    lost = [s for s, x, y in zip(seeds, a, b, strict=True) if not math.isfinite(x) and math.isfinite(y)]
+    won = [s for s, x, y in zip(seeds, a, b, strict=True) if math.isfinite(x) and not math.isfinite(y)]
+    finite = [(x, y) for x, y in zip(a, b, strict=True) if math.isfinite(x) and math.isfinite(y)]
+    if lost and not won:
+        return f"**worse** (diverged on seed {', '.join(map(str, lost))})"
+    if won and not lost:
+        return f"**better** (the search diverged on seed {', '.join(map(str, won))})"
+    if len(finite) < 2:
+        return f"tie (n = {len(finite)}: no interval)"
+    mean, low, high = paired_difference([x for x, _ in finite], [y for _, y in finite])
     word = "**better**" if high < 0 else "**worse**" if low > 0 else "tie"
     return f"{word} {mean:+.4f} [{low:+.4f}, {high:+.4f}]"
 
@@ -249,7 +264,9 @@ def _paired_section(summaries: list[MethodSummary]) -> list[str]:
             for r in references:
                 cell = _verdict(c, r, key)
                 if key == "final_val_loss":
-                    cell += f", {statistics.mean(c.compute) / statistics.mean(r.compute):.0%} compute"
+                    seeds = _common_seeds(c, r)  # the same seeds as the interval
+                    spent = [c.compute[c.seeds.index(s)] / r.compute[r.seeds.index(s)] for s in seeds]
+                    cell += f", {statistics.mean(spent):.0%} compute, n = {len(seeds)}" if seeds else ""
                 cells.append(cell)
             lines.append(f"| `{c.name}` | " + " | ".join(cells) + " |")
         lines.append("")
@@ -268,8 +285,9 @@ def _plot_loss_vs_compute(summaries: list[MethodSummary], path: Path) -> None:
         else:
             spent, best, xs, ys = 0.0, math.inf, [], []
             for t in search:
-                spent += t.user_attrs.get("compute", 0.0)
-                best = min(best, t.value if t.value is not None else math.inf)
+                spent += t.user_attrs.get("compute", 0.0)  # a pruned trial's compute counts ...
+                if t.state == TrialState.COMPLETE:  # ... but its partial loss is not a result
+                    best = min(best, t.value if t.value is not None else math.inf)
                 xs.append(spent)
                 ys.append(best if math.isfinite(best) else None)
             ax.plot(xs, ys, marker="o", drawstyle="steps-post", label=f"{s.name} (best so far)")

@@ -98,8 +98,13 @@ def run_study(
     storage = storage or cfg.storage
     tracker = Tracker(tracking_uri, enabled=tracking)
     tracker.start_study(cfg.name, cfg.model_dump())
-    with _threads(TRIAL_THREADS):  # the task's data too: standardising it is a reduction
-        _run_plans(cfg, storage, show_progress, tracker)
+    try:
+        with _threads(TRIAL_THREADS):  # the task's data too: standardising it is a reduction
+            _run_plans(cfg, storage, show_progress, tracker)
+    except BaseException:
+        tracker.end_study(failed=True)
+        raise
+    tracker.end_study()
     return tracker
 
 
@@ -127,7 +132,9 @@ def _run_plans(cfg: StudyConfig, storage: str, show_progress: bool, tracker: Tra
                 for _ in range(plan.missing):  # the search proposes, the stored study runs and records
                     proposal = plan.search.ask(_tpe_space(plan.method))  # type: ignore[arg-type]
                     plan.study.enqueue_trial(proposal.params)
-                    plan.study.optimize(objective, n_trials=1, callbacks=callbacks)
+                    # A trial that raises is recorded as failed and the search moves on (a resume replays it
+                    # as failed too), instead of proposing the same failing rate again forever.
+                    plan.study.optimize(objective, n_trials=1, callbacks=callbacks, catch=(Exception,))
                     _tell(plan.search, proposal, plan.study.get_trials(deepcopy=False)[-1])
 
 
@@ -179,6 +186,9 @@ def _plan(cfg: StudyConfig, method: MethodConfig, seed: int, storage: str, n_gro
         # planned below; a stale enqueued trial would otherwise be run in place of the one planned.
         study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    if isinstance(method, SearchMethod):  # a trial that failed in training is a finished search step too
+        failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+        done = sorted(done + [t for t in failed if "error" in t.user_attrs], key=lambda t: t.number)
     if isinstance(method, GridMethod | GroupGridMethod):
         grid = _grid_points(method, n_groups)
         finished = {tuple(sorted(t.params.items())) for t in done}
@@ -212,8 +222,35 @@ def _tpe_search(method: SearchMethod, seed: int, done: list[FrozenTrial]) -> opt
     ones, as the objective's), and then proposes what that run would have proposed next.
     """
     search = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=seed), direction="minimize")
-    for trial in sorted(done, key=lambda t: t.number):
-        _tell(search, search.ask(_tpe_space(method)), trial)
+    ordered = sorted(done, key=lambda t: t.number)
+    for trial in ordered:
+        proposal = search.ask(_tpe_space(method))
+        if proposal.params != trial.params:  # the range or Optuna changed: replaying would mispair rates and losses
+            warnings.warn(
+                f"{method.name}: resuming from {len(ordered)} finished trials whose rates the current settings do "
+                "not reproduce; the search continues from them, but not as an uninterrupted run would have",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return _added_search(seed, ordered)
+        _tell(search, proposal, trial)
+    return search
+
+
+def _added_search(seed: int, done: list[FrozenTrial]) -> optuna.Study:
+    """A TPE search told each finished trial as it was (its own rate, value or curve), in order."""
+    search = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=seed), direction="minimize")
+    for t in done:
+        values = {"value": t.value} if t.state == TrialState.COMPLETE else {}
+        search.add_trial(
+            optuna.trial.create_trial(
+                state=t.state,
+                params=t.params,
+                distributions=t.distributions,
+                intermediate_values=t.intermediate_values,
+                **values,
+            )
+        )
     return search
 
 
@@ -286,6 +323,13 @@ def _objective(
             config={**method.model_dump(), "params": trial.params, "budget": budget.model_dump()},
             study=trial.study.study_name,
             trial=trial.number,
+            params={
+                **trial.params,
+                "optimizer": method.optimizer,
+                "schedule": getattr(method, "schedule", "hidlr"),
+                "epochs": budget.epochs,
+                "batch_size": budget.batch_size,
+            },
         )
         if run.active and "hidlr" in kwargs:
             kwargs["hidlr"] = {**kwargs["hidlr"], "measure_realised": True}  # diagnostic only: same trajectory
@@ -304,8 +348,10 @@ def _objective(
         except optuna.TrialPruned:
             run.finish({"compute": trial.user_attrs.get("compute", 0.0)})
             raise
-        except BaseException:
+        except BaseException as exc:
             run.finish({}, failed=True)
+            if isinstance(exc, Exception):  # failed in training (an interrupt is not a result)
+                trial.set_user_attr("error", f"{type(exc).__name__}: {str(exc)[:300]}")
             raise
         _record(trial, result)
         if run.active:
@@ -359,6 +405,8 @@ def _record(trial: optuna.Trial, result: TrainResult) -> None:
     )
     if result.hidlr is not None:
         h = result.hidlr
+        for name, rate in zip(h.group_names, h.lrs(), strict=True):  # one number per group, readable in Optuna
+            trial.set_user_attr(f"final_lr_{name}", rate)
         trial.set_user_attr(
             "refits",
             {

@@ -135,6 +135,13 @@ class Tracker:
             self.client.log_dict(self.parent_id, config, "study_config.json")
 
         self._safe(start)
+        if self.parent_id is not None:  # a rerun reopens it: running again until end_study
+            self._safe(lambda: self.client.update_run(self.parent_id, status="RUNNING"))
+
+    def end_study(self, failed: bool = False) -> None:
+        """Close the parent run: FINISHED after a complete run, FAILED when the run stopped on an error."""
+        if self.parent_id is not None:
+            self._safe(lambda: self.client.set_terminated(self.parent_id, "FAILED" if failed else "FINISHED"))
 
     def log_report(self, report_dir: str | Path) -> None:
         """Attach ``hidlr report``'s table and plots to the parent run."""
@@ -143,8 +150,19 @@ class Tracker:
 
     # -- trial (child run) ----------------------------------------------------------------------------
     def start_trial(
-        self, *, method: str, description: str, seed: int, config: dict[str, Any], study: str, trial: int
+        self,
+        *,
+        method: str,
+        description: str,
+        seed: int,
+        config: dict[str, Any],
+        study: str,
+        trial: int,
+        params: dict[str, Any] | None = None,
     ) -> TrialRun:
+        """A child run with the trial's configuration as params (``params``: the sampled lr, the optimizer,
+        the budget, ...), so that runs can be filtered and compared on them."""
+
         def start() -> str:
             tags = {
                 "mlflow.parentRunId": self.parent_id,
@@ -153,10 +171,10 @@ class Tracker:
                 "optuna.trial_number": str(trial),
             }
             run = self.client.create_run(self.experiment_id, run_name=f"{method} seed{seed} trial{trial}", tags=tags)
-            params = {"method": method, "configuration": description, "seed": seed}
+            logged = {"method": method, "configuration": description, "seed": seed, **(params or {})}
             from mlflow.entities import Param
 
-            self.client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+            self.client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in logged.items()])
             self.client.log_dict(run.info.run_id, config, "config.json")
             return run.info.run_id
 

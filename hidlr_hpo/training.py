@@ -159,8 +159,13 @@ def train(
     controller = None
     if hidlr is not None:
         kwargs = dict(hidlr)
+        if "probes" in kwargs:
+            raise ValueError("train() draws the probe batches itself (probe='heldout' or 'train'); drop 'probes'")
         horizon = kwargs.pop("horizon", None)  # True: the planned steps; False or None: off; an int: itself
-        kwargs["total_steps"] = (total_steps if horizon else None) if isinstance(horizon, bool | None) else horizon
+        if "total_steps" in kwargs and horizon is not None:
+            raise ValueError("give the horizon as horizon=True/False or as total_steps=N, not both")
+        if "total_steps" not in kwargs:
+            kwargs["total_steps"] = (total_steps if horizon else None) if isinstance(horizon, bool | None) else horizon
         # The loop draws each probe batch itself (a held-out one, or the batch just trained on) when one is due.
         controller = HiDLR(opt, model, task.loss_fn, probes=None, **kwargs)
 

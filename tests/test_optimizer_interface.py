@@ -152,3 +152,23 @@ def test_refits_stop_after_the_refit_phase():
         hidlr.zero_grad()
     assert [r.step for r in hidlr.history] == [0, 2, 4, 6, 8]  # t < 0.25 * 40
     assert hidlr.lrs() == pytest.approx((hidlr.base_lrs * (1 - 39 / 40)).tolist())  # the horizon goes on
+
+
+def test_a_copy_or_a_pickle_of_hidlr_is_a_working_hidlr():
+    import copy
+    import pickle
+
+    model, opt, _ = setup()
+    hidlr = HiDLR(opt, model, mse, probes=[least_squares_batch(seed=1)], total_steps=None, interval=2)
+    for _ in range(3):
+        mse(model, least_squares_batch()).backward()
+        hidlr.step()
+        hidlr.zero_grad()
+    model2, hidlr2 = copy.deepcopy((model, hidlr))
+    model3, hidlr3 = pickle.loads(pickle.dumps((model, hidlr)))
+    for m, h in ((model, hidlr), (model2, hidlr2), (model3, hidlr3)):
+        mse(m, least_squares_batch()).backward()
+        h.step()
+    assert hidlr2.param_groups is hidlr2.optimizer.param_groups and hidlr2.model is model2
+    assert torch.equal(flat(model2), flat(model)) and torch.equal(flat(model3), flat(model))
+    assert hidlr2.lrs() == hidlr.lrs() == hidlr3.lrs() and hidlr3.n_refits == hidlr.n_refits == 2

@@ -85,3 +85,26 @@ def test_a_resumed_search_proposes_what_an_uninterrupted_one_would(tmp_path):
     for name in ("hidlr-search", "tpe-pruned"):
         expected = [(t.params["lr"], t.state, t.value) for t in trials(whole, name)]
         assert [(t.params["lr"], t.state, t.value) for t in trials(parts, name)] == expected
+
+
+def test_a_search_trial_that_fails_is_recorded_and_the_search_moves_on(tmp_path, monkeypatch):
+    import hidlr_hpo.study as study_module
+
+    real_train = study_module.train
+    calls = []
+
+    def flaky(task, **kwargs):
+        calls.append(kwargs["lr"])
+        if len(calls) == 2:
+            raise RuntimeError("out of memory (simulated)")
+        return real_train(task, **kwargs)
+
+    monkeypatch.setattr(study_module, "train", flaky)
+    cfg = study(tmp_path, n_trials=4, pruner="none")
+    cfg = cfg.model_copy(update={"methods": cfg.methods[:1]})
+    run_study(cfg, show_progress=False, tracking=False)
+    states = [t.state for t in trials(cfg, "hidlr-search")]
+    assert states.count(TrialState.FAIL) == 1 and states.count(TrialState.COMPLETE) == 3
+    assert "simulated" in trials(cfg, "hidlr-search")[1].user_attrs["error"]
+    run_study(cfg, show_progress=False, tracking=False)  # a rerun: the failed trial counts, nothing runs again
+    assert len(trials(cfg, "hidlr-search")) == 4 and len(calls) == 4

@@ -95,8 +95,15 @@ def test_sqlite_default_holds_study_trials_and_refits(cfg, tmp_path, monkeypatch
     assert len(children) == 3  # hidlr-full + two grid points
     assert {c.data.params["method"] for c in children} == {"hidlr-full", "grid"}
     assert all(c.info.status == "FINISHED" and c.data.params["seed"] == "0" for c in children)
+    assert parent.info.status == "FINISHED"  # the study ran to its end
+    grid_params = sorted(float(c.data.params["lr"]) for c in children if c.data.params["method"] == "grid")
+    assert grid_params == [1e-3, 1e-2]  # the sampled rate is a param: runs can be filtered and compared on it
+    assert all(c.data.params["optimizer"] == "adamw" and c.data.params["epochs"] == "2" for c in children)
 
     (hidlr_trial,) = _trials(cfg, "hidlr-full")
+    assert {k for k in hidlr_trial.user_attrs if k.startswith("final_lr_")} == {
+        f"final_lr_{name}" for name in hidlr_trial.user_attrs["refits"]["group_names"]
+    }
     (child,) = [c for c in children if c.data.params["method"] == "hidlr-full"]
     assert child.data.tags["optuna.study_name"] == "tracked/hidlr-full/seed0"
     assert child.data.tags["optuna.trial_number"] == str(hidlr_trial.number)

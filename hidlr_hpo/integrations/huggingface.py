@@ -66,7 +66,8 @@ class HiDLRCallback(TrainerCallback):
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
         optimizer = kwargs.get("optimizer")
-        optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it
+        if not isinstance(optimizer, HiDLR):  # accelerate wraps it; HiDLR's own .optimizer is its base
+            optimizer = getattr(optimizer, "optimizer", optimizer)
         if logs is None or not isinstance(optimizer, HiDLR):
             return
         rates = {f"lr/{name}": lr for name, lr in zip(optimizer.group_names, optimizer.lrs(), strict=True)}
