@@ -44,8 +44,15 @@ class _Strict(BaseModel):
 
 
 class TaskConfig(_Strict):
-    name: str
+    name: str = Field(description="a built-in task (digits, nam, multitask, sentiment) or 'package.module:factory'")
     options: dict[str, object] = Field(default_factory=dict, description="keyword arguments of the task factory")
+
+    @model_validator(mode="after")
+    def _resolvable(self) -> TaskConfig:
+        from .tasks import resolve_task  # checked at load time: the factory imports and takes these options
+
+        resolve_task(self.name, self.options)
+        return self
 
 
 class BudgetConfig(_Strict):

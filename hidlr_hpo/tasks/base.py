@@ -31,6 +31,32 @@ class Split:
     def to(self, device: str | torch.device) -> Split:
         return Split(self.x.to(device), self.y.to(device))
 
+    @classmethod
+    def from_dataset(cls, dataset: torch.utils.data.Dataset, batch_size: int = 1024) -> Split:
+        """A split from a map-style ``Dataset`` (or a ``DataLoader`` over one) of (input, target) pairs,
+        loaded into memory once: the studies draw seeded batches from the tensors, so that every method sees
+        the same batches in the same order.
+
+        Example:
+            >>> import torch
+            >>> from torch.utils.data import TensorDataset
+            >>> split = Split.from_dataset(TensorDataset(torch.randn(10, 3), torch.arange(10)))
+            >>> len(split), tuple(split.x.shape)
+            (10, (10, 3))
+        """
+        loader = dataset if isinstance(dataset, torch.utils.data.DataLoader) else None
+        if loader is None:
+            loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+        xs, ys = [], []
+        for batch in loader:
+            if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+                raise ValueError("Split.from_dataset needs a dataset of (input, target) pairs")
+            xs.append(torch.as_tensor(batch[0]))
+            ys.append(torch.as_tensor(batch[1]))
+        if not xs:
+            raise ValueError("Split.from_dataset got an empty dataset")
+        return cls(torch.cat(xs), torch.cat(ys))
+
 
 @dataclass
 class Task:
