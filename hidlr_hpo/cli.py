@@ -10,10 +10,9 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.markdown import Markdown
 from rich.table import Table
 
-from .config import load_study_config
+from .config import StudyConfig, load_study_config
 from .groups import group_names, group_parameters
 from .report import write_report
 from .study import pin_cpu_kernels, run_study
@@ -27,8 +26,20 @@ app = typer.Typer(
 console = Console()
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        console.print(f"hidlr-hpo {version('hidlr-hpo')}")
+        raise typer.Exit()
+
+
 @app.callback()
-def main() -> None:
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit")
+    ] = False,
+) -> None:
     """Hi-DLR: Hessian-informed differential learning rates."""
 
 
@@ -58,32 +69,25 @@ def demo(
     )
 
     names = group_names(group_parameters(task.make_model(seed), task.grouping))
-    table = Table(title="Hi-DLR(AdamW) on digits")
-    for col in ("epoch", "train loss", "val loss", "val acc", *(f"lr[{n}]" for n in names)):
-        table.add_column(col, justify="right")
+    widths = (5, 10, 9, 7, *(10 for _ in names))
+    header = ("epoch", "train loss", "val loss", "val acc", *(f"lr[{n}]" for n in names))
+    console.print(" ".join(f"{h:>{w}}" for h, w in zip(header, widths, strict=True)), style="bold")
 
-    def show(log: EpochLog) -> None:
-        if log.epoch % max(1, epochs // 10) == 0 or log.epoch == epochs - 1:
-            table.add_row(
-                str(log.epoch),
-                f"{log.train_loss:.4f}",
-                f"{log.val_loss:.4f}",
-                f"{log.val_acc:.3f}",
-                *(f"{x:.2e}" for x in log.lrs),
-            )
+    def show(log: EpochLog) -> None:  # each epoch as it ends
+        cells = (log.epoch + 1, f"{log.train_loss:.4f}", f"{log.val_loss:.4f}", f"{log.val_acc:.3f}")
+        cells += tuple(f"{x:.2e}" for x in log.lrs)
+        console.print(" ".join(f"{c:>{w}}" for c, w in zip(cells, widths, strict=True)))
 
-    with console.status("training with Hi-DLR ..."):
-        result = train(
-            task,
-            lr=lr,
-            epochs=epochs,
-            seed=seed,
-            hidlr={"interval": interval, "mode": mode, "horizon": horizon},
-            probe=probe,
-            on_epoch=show,
-            device=device,
-        )  # type: ignore[arg-type]
-    console.print(table)
+    result = train(
+        task,
+        lr=lr,
+        epochs=epochs,
+        seed=seed,
+        hidlr={"interval": interval, "mode": mode, "horizon": horizon},
+        probe=probe,
+        on_epoch=show,
+        device=device,
+    )  # type: ignore[arg-type]
     h = result.hidlr
     assert h is not None
     console.print(
@@ -164,14 +168,36 @@ def report(
     except ValueError as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(1) from None
-    console.print(Markdown(path.read_text().split("![")[0]))
-    console.print(f"report: {path}")
+    console.print(_summary_table(cfg, storage))
+    console.print(f"report (every column, paired comparisons, plots): {path}")
     if tracking:
         tracker = Tracker(tracking_uri)
         tracker.start_study(cfg.name, cfg.model_dump())
         tracker.log_report(path.parent)
         if tracker.active:
             console.print(f"attached to the MLflow parent run of experiment {cfg.name} in {tracker.uri}")
+
+
+def _summary_table(cfg: StudyConfig, storage: str | None) -> Table:
+    """The report's main numbers, narrow enough for an 80-column terminal."""
+    import statistics
+
+    from .report import collect
+
+    table = Table(title=f"{cfg.name}: mean over seeds", title_justify="left")
+    for column in ("method", "val loss", "test loss", "compute"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for s in collect(cfg, storage):
+        if not s.selected:
+            continue
+        val, test = s.metric("final_val_loss"), s.metric("test_loss")
+        table.add_row(
+            s.name,
+            f"{statistics.mean(val):.4f}",
+            f"{statistics.mean(test):.4f}",
+            f"{statistics.mean(s.compute) / 1e3:,.0f}k",
+        )
+    return table
 
 
 @app.command()

@@ -237,9 +237,27 @@ class StudyConfig(_Strict):
         return self
 
     def quick(self) -> StudyConfig:
-        """A few-seconds version for tests and smoke runs: 2 epochs, one seed."""
+        """A smoke run of the same study, kept apart from it: 2 epochs, the first seed, at most 3 grid values
+        (2 per group) and 3 search trials, under its own name (``<name>-quick``: its own Optuna studies and
+        MLflow experiment) and results folder (``runs/quick/<name>``), so it never mixes with the full study."""
+        methods = []
+        for m in self.methods:
+            update: dict[str, object] = {}
+            if isinstance(m, GridMethod | GroupGridMethod):
+                values = sorted(m.lrs)
+                keep = 2 if isinstance(m, GroupGridMethod) else 3
+                update["lrs"] = sorted({values[0], values[len(values) // 2], values[-1]})[:keep]
+            if isinstance(m, TPEMethod | HiDLRSearchMethod):
+                update["n_trials"] = min(m.n_trials, 3)
+            methods.append(m.model_copy(update=update))
         return self.model_copy(
-            update={"budget": BudgetConfig(epochs=2, batch_size=self.budget.batch_size), "seeds": self.seeds[:1]}
+            update={
+                "name": f"{self.name}-quick",
+                "results_dir": f"runs/quick/{self.name}",
+                "budget": BudgetConfig(epochs=2, batch_size=self.budget.batch_size),
+                "seeds": self.seeds[:1],
+                "methods": methods,
+            }
         )
 
 

@@ -38,7 +38,14 @@ from typing import Any
 import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from .baselines.gen import GEN_DEFAULTS
 from .config import (
@@ -97,7 +104,7 @@ def run_study(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = storage or cfg.storage
     tracker = Tracker(tracking_uri, enabled=tracking)
-    tracker.start_study(cfg.name, cfg.model_dump())
+    tracker.start_study(cfg.name, cfg.model_dump(), reopen=True)
     try:
         with _threads(TRIAL_THREADS):  # the task's data too: standardising it is a reduction
             _run_plans(cfg, storage, show_progress, tracker)
@@ -113,7 +120,14 @@ def _run_plans(cfg: StudyConfig, storage: str, show_progress: bool, tracker: Tra
     n_groups = len(group_parameters(task.make_model(0), task.grouping))
     plans = [_plan(cfg, method, seed, storage, n_groups) for method in cfg.methods for seed in cfg.seeds]
     total = sum(p.missing for p in plans)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),  # from the trials done so far; searches and grids differ, so a rough guide
+    )
     with Progress(*columns, disable=not show_progress) as progress:
         bar = progress.add_task(f"{cfg.name}: trials", total=total)
         for plan in plans:

@@ -116,8 +116,9 @@ class Tracker:
             return None
 
     # -- study (parent run) ---------------------------------------------------------------------------
-    def start_study(self, study_name: str, config: dict[str, Any]) -> None:
-        """Create (or, on a rerun, find) the study's experiment and parent run."""
+    def start_study(self, study_name: str, config: dict[str, Any], reopen: bool = False) -> None:
+        """Create (or, on a rerun, find) the study's experiment and parent run; ``reopen`` marks a found
+        parent RUNNING again (a rerun works on it until :meth:`end_study`)."""
 
         def start() -> None:
             experiment = self.client.get_experiment_by_name(study_name)
@@ -135,7 +136,7 @@ class Tracker:
             self.client.log_dict(self.parent_id, config, "study_config.json")
 
         self._safe(start)
-        if self.parent_id is not None:  # a rerun reopens it: running again until end_study
+        if reopen and self.parent_id is not None:
             self._safe(lambda: self.client.update_run(self.parent_id, status="RUNNING"))
 
     def end_study(self, failed: bool = False) -> None:

@@ -140,14 +140,23 @@ def test_report_writes_table_and_plots(small):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
 
 
-def test_cli_run_and_report(small):
+def test_cli_run_and_report(small, tmp_path, monkeypatch):
     path, cfg = small
+    monkeypatch.chdir(tmp_path)
     runner = CliRunner()
     result = runner.invoke(app, ["run", str(path), "--quick"])
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["report", str(path), "--quick"])
     assert result.exit_code == 0, result.output
-    assert (Path(cfg.results_dir) / "report.md").is_file()
+    # A quick run is kept apart: its own Optuna studies, its own results folder, never the study's.
+    assert (tmp_path / "runs" / "quick" / "small" / "report.md").is_file()
+    assert not Path(cfg.results_dir).exists()
+    names = {s.study_name for s in optuna.get_all_study_summaries(cfg.storage)}
+    assert names == {"small-quick/hidlr/seed0", "small-quick/grid/seed0", "small-quick/tpe/seed0"}
+    assert "val loss" in result.output and "compute" in result.output  # the terminal table
+    assert all(len(line) <= 80 for line in result.output.splitlines())
+    version = runner.invoke(app, ["--version"])
+    assert version.exit_code == 0 and version.output.startswith("hidlr-hpo ")
     bad = path.with_name("bad.toml")
     bad.write_text(path.read_text().replace("n_trials = 2", "n_trials = 0"))
     result = runner.invoke(app, ["run", str(bad)])
