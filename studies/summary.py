@@ -1,6 +1,6 @@
 """Print the cross-task baselines table of docs/results/README.md from the finished studies.
 
-    python studies/summary.py studies/digits.toml studies/nam.toml studies/multitask.toml studies/sentiment.toml
+    python studies/summary.py [--storage URL] studies/digits.toml studies/nam.toml studies/multitask.toml
 
 Per task and method: final validation loss, mean +- std over the seeds, and the method's compute per seed as
 a fraction of the plain AdamW grid search's.
@@ -8,25 +8,25 @@ a fraction of the plain AdamW grid search's.
 
 from __future__ import annotations
 
+import argparse
 import statistics
-import sys
 
 from hidlr_hpo.config import load_study_config
 from hidlr_hpo.report import collect, reference_grid
 
 METHODS = [
-    "hidlr-diag", "gen-preset", "grid", "grid-cosine", "adamw-sage", "adamax-sage", "prodigy", "dadapt-adam",
-    "schedulefree-adamw",
+    "hidlr-diag", "hidlr-search", "gen-preset", "grid", "grid-cosine", "tpe", "tpe-pruned", "adamw-sage",
+    "adamax-sage", "prodigy", "dadapt-adam", "schedulefree-adamw",
 ]  # fmt: skip
 
 
-def main(paths: list[str]) -> None:
+def main(paths: list[str], storage: str | None = None) -> None:
     configs = [load_study_config(p) for p in paths]
     print("| method | " + " | ".join(c.name for c in configs) + " |")
     print("|---|" + "---|" * len(configs))
     by_task = []
     for cfg in configs:
-        summaries = {s.name: s for s in collect(cfg) if s.selected}
+        summaries = {s.name: s for s in collect(cfg, storage) if s.selected}
         grid = reference_grid(cfg, list(summaries.values()))
         by_task.append((summaries, statistics.mean(grid.compute) if grid else None))
     for name in METHODS:
@@ -44,4 +44,8 @@ def main(paths: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or [f"studies/{t}.toml" for t in ("digits", "nam", "multitask", "sentiment")])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("studies", nargs="*", default=[f"studies/{t}.toml" for t in ("digits", "nam", "multitask")])
+    parser.add_argument("--storage", default=None, help="Optuna storage URL (default: each study file's)")
+    args = parser.parse_args()
+    main(args.studies, args.storage)
