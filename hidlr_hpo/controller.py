@@ -273,8 +273,8 @@ class HiDLR(torch.optim.Optimizer):
         self._base = optimizer  # private: wrappers (Lightning's) define their own `optimizer` attribute
         # One optimizer to the outside: the base's groups and state, shared (as timm's Lookahead); __setstate__
         # also sets up torch's step hooks and profiling.
-        self.__setstate__(
-            {"defaults": optimizer.defaults, "state": optimizer.state, "param_groups": optimizer.param_groups}
+        torch.optim.Optimizer.__setstate__(
+            self, {"defaults": optimizer.defaults, "state": optimizer.state, "param_groups": optimizer.param_groups}
         )
         self.model = model
         self.interval = interval
