@@ -132,14 +132,16 @@ def _load(path: Path, quick: bool):
 def run(
     study_file: StudyFile,
     storage: StorageOption = None,
-    quick: Annotated[bool, typer.Option(help="2 epochs, one seed: a smoke run")] = False,
+    quick: Annotated[
+        bool, typer.Option(help="a smoke run: 2 epochs, one seed, a few trials per method, kept apart")
+    ] = False,
     tracking_uri: TrackingUriOption = None,
     tracking: TrackingOption = True,
 ) -> None:
     """Run a comparison study (a rerun resumes; finished trials are not repeated).
 
-    Trials run with a fixed torch thread count (and AVX2 CPU kernels on x86) on any machine: the numbers are the
-    study's own.
+    Trials run with a fixed torch thread count (and AVX2 CPU kernels on x86) on any machine, so the numbers
+    are the study's own.
     """
     pin_cpu_kernels()  # before torch's first CPU operation, which picks the kernels for the process
     cfg = _load(study_file, quick)
