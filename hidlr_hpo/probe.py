@@ -71,7 +71,6 @@ class Prober:
         self.batched = batched
         self.memory_budget = memory_budget
         self.fallback_reason: str | None = None  # why the batched path gave up, if it did
-        self.loss_dtype: torch.dtype | None = None  # dtype of the last losses (their round-off level)
         names = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
         self._names = [[names[id(p)] for p in group] for group in self.groups] if batched else []
         self._point_bytes = sum(p.numel() * p.element_size() for group in self.groups for p in group)
@@ -117,9 +116,7 @@ class Prober:
         finally:
             self.restore(end)
         # One device-to-host transfer for the whole design, not one per probe.
-        stacked = torch.stack(values)
-        self.loss_dtype = stacked.dtype
-        return stacked.to(device="cpu", dtype=torch.float64)
+        return torch.stack(values).to(device="cpu", dtype=torch.float64)
 
     @contextlib.contextmanager
     def _no_trace(self) -> Iterator[None]:
@@ -158,7 +155,6 @@ class Prober:
 
         with self._no_trace(), torch.no_grad():
             losses = torch.func.vmap(loss_at, chunk_size=min(chunk, coeffs.shape[0]))(coeffs)
-        self.loss_dtype = losses.dtype
         return losses.to(device="cpu", dtype=torch.float64)
 
 
