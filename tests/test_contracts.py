@@ -185,36 +185,17 @@ def test_gradient_slope_refuses_a_clipped_gradient():
 
 
 def test_gradient_slope_refuses_dropout_and_train_mode_batchnorm_under_eval_probes():
+    def gradient_slope(model, **kwargs):
+        opt = torch.optim.SGD(group_parameters(model, "layer"), lr=1e-3)
+        return HiDLR(opt, model, mse, slope="gradient", total_steps=None, probes=None, **kwargs)
+
     dropout = nn.Sequential(nn.Linear(5, 8), nn.Dropout(0.3), nn.Linear(8, 1))
     with pytest.raises(ValueError, match=r"active dropout \(1: Dropout\(p=0.3\)\)"):
-        HiDLR(
-            torch.optim.SGD(group_parameters(dropout, "layer"), lr=1e-3),
-            dropout,
-            mse,
-            slope="gradient",
-            total_steps=None,
-            probes=None,
-        )
+        gradient_slope(dropout)
     norm = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Linear(8, 1))
     with pytest.raises(ValueError, match="BatchNorm in train mode"):
-        HiDLR(
-            torch.optim.SGD(group_parameters(norm, "layer"), lr=1e-3),
-            norm,
-            mse,
-            slope="gradient",
-            total_steps=None,
-            probes=None,
-        )
-    # Probes in train mode use the batch statistics, as the gradient did: accepted.
-    HiDLR(
-        torch.optim.SGD(group_parameters(norm, "layer"), lr=1e-3),
-        norm,
-        mse,
-        slope="gradient",
-        eval_mode=False,
-        total_steps=None,
-        probes=None,
-    )
+        gradient_slope(norm)
+    gradient_slope(norm, eval_mode=False)  # train-mode probes use the batch statistics, as the gradient did
 
 
 # ---- 6. probing leaves no trace -------------------------------------------------------------------------
