@@ -44,7 +44,7 @@ import math
 import time
 import warnings
 import weakref
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -95,6 +95,7 @@ class RefitRecord:
     predicted_decrease: float = math.nan
     realised_decrease: float = math.nan
     scheduled_lrs: list[float] = field(default_factory=list)  # the groups' own lr (a scheduler's) at the refit
+    gap: int = 0  # steps since the previous refit (0 for the first); the smoothing is scaled to it
 
     @property
     def rejected(self) -> bool:
@@ -145,7 +146,11 @@ class HiDLR(torch.optim.Optimizer):
         refit_until: refits stop after this fraction of ``total_steps`` and the fitted multipliers are kept
             (0.9: the last steps are too small to probe reliably; smaller values tune early, then follow
             the horizon and any schedule, at a fraction of the probe cost).
-        interval: refit every this many steps (step 0 included).
+        interval: refit every this many steps (step 0 included); with ``max_interval`` the shortest gap.
+        max_interval: let the gap between refits grow up to this many steps while the rates are settled, and
+            shrink back towards ``interval`` while they trend (see :func:`next_gap`); ``"4x"`` (default):
+            4 * interval; None keeps ``interval`` fixed. The smoothing is per ``interval`` steps: a refit after g steps smooths with s^(g / interval),
+            so that the rates' time constant in steps does not depend on the gap.
         mode: ``"diag"`` (K axis curvatures; 2K + 1 probes) or ``"full"`` (cross terms too).
         design: ``"axial"`` (default for diag), ``"pairwise"`` (default for full), an int (a random
             design of that many points, which gives a meaningful R^2), or an explicit (P, K) tensor of
@@ -191,6 +196,7 @@ class HiDLR(torch.optim.Optimizer):
         probes: Any = _REQUIRED,
         total_steps: int | None = _REQUIRED,
         interval: int = 10,
+        max_interval: int | None | str = "4x",
         refit_until: float = 0.9,
         mode: str = "diag",
         design: str | int | torch.Tensor | None = None,
@@ -232,6 +238,12 @@ class HiDLR(torch.optim.Optimizer):
         check_rate_linear(optimizer, assume_rate_linear)
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise ValueError(f"interval must be an int >= 1, got {interval!r}")
+        if isinstance(max_interval, str) and max_interval == "4x":
+            max_interval = 4 * interval  # measured: same quality, half the refits (docs/method.md)
+        if max_interval is not None and (
+            isinstance(max_interval, bool) or not isinstance(max_interval, int) or max_interval < interval
+        ):
+            raise ValueError(f"max_interval must be None, \"4x\" or an int >= interval ({interval}), got {max_interval!r}")
         if total_steps is not None and (
             isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1
         ):
@@ -278,6 +290,7 @@ class HiDLR(torch.optim.Optimizer):
         )
         self.model = model
         self.interval = interval
+        self.max_interval = interval if max_interval is None else max_interval
         self.horizon = total_steps
         self.measure_realised = measure_realised
         self.history_size = history_size
@@ -314,6 +327,9 @@ class HiDLR(torch.optim.Optimizer):
         self.multipliers = torch.ones(k, dtype=torch.float64)  # m_k: the rate is lr_k * m_k * h(t)
         self.step_count = 0
         self.next_refit = 0  # the step at (or after) which the next refit is due
+        self.gap = interval  # steps from one refit to the next: adapted between interval and max_interval
+        self.last_refit: int | None = None  # the step of the last refit
+        self.recent_changes: list[list[float]] = []  # per refit: log(m_new / m_old) per group, per interval steps
         self.history: list[RefitRecord] = []
         self.n_refits = 0  # refits done (history may keep fewer records)
         self.n_rejected = 0  # refits whose fit was rejected (non-finite or low R^2)
@@ -429,8 +445,10 @@ class HiDLR(torch.optim.Optimizer):
             stepped = True
             self._last_applied = applied
             if start is not None:
-                self.next_refit = self.step_count + self.interval  # also if the probes raise (out of memory)
+                self.next_refit = self.step_count + self.gap  # also if the probes raise (out of memory)
+                before = self.multipliers
                 self._last_applied = self._refit(probe_batch, start, scheduled, level, applied, factor)
+                self._adapt_gap(before)
         finally:
             self._set_lrs(scheduled)  # the user's (scheduler's) own values, untouched
             self._grad_sumsq.clear()
@@ -469,11 +487,13 @@ class HiDLR(torch.optim.Optimizer):
             return unmoved | unchanged_groups(points, losses)
 
         n_accepted = self.n_refits - self.n_rejected
+        gap = 0 if self.last_refit is None else self.step_count - self.last_refit
+        guards = self._guards_after(gap)
         if self.slope == "gradient":
-            refit = self._refit_known_slope(start, evaluate, eta0, applied, n_accepted, dead, factor)
+            refit = self._refit_known_slope(start, evaluate, eta0, applied, n_accepted, dead, factor, guards)
         else:
             refit = refit_rates(
-                design, evaluate, eta0, self.mode, self.guards, n_accepted, self.inner, dead, applied_scale=factor
+                design, evaluate, eta0, self.mode, guards, n_accepted, self.inner, dead, applied_scale=factor
             )
         fit, result, losses = refit.fit, refit.result, refit.losses
         self.n_refits += 1
@@ -512,6 +532,7 @@ class HiDLR(torch.optim.Optimizer):
                 predicted_decrease=predicted,
                 realised_decrease=realised,
                 scheduled_lrs=scheduled.tolist(),
+                gap=gap,
             )
         )
         if self.history_size is not None and len(self.history) > self.history_size:
@@ -528,6 +549,7 @@ class HiDLR(torch.optim.Optimizer):
         n_accepted: int,
         dead: Any,
         factor: float,
+        guards: Safeguards,
     ) -> Refit:
         """Diag refit with b from the gradient the step used and K + 1 probes (the centre and x = delta e_k)."""
         k = self.num_groups
@@ -546,8 +568,27 @@ class HiDLR(torch.optim.Optimizer):
         points = torch.cat([torch.zeros(1, k), self.delta * torch.eye(k)]).to(torch.float64)
         losses = evaluate(points)
         fit = rate_units(fit_curvature_known_slope(points[1:], losses[1:], float(losses[0]), slopes), eta0)
-        result = apply_safeguards(eta0, fit, self.guards, n_accepted, dead(points, losses), factor)
+        result = apply_safeguards(eta0, fit, guards, n_accepted, dead(points, losses), factor)
         return Refit(points, losses, fit, result)
+
+    def _guards_after(self, gap: int) -> Safeguards:
+        """The safeguards for a refit ``gap`` steps after the last: smoothing s^(gap / interval), so that an
+        exponential average over refits keeps its time constant in steps when the gap grows."""
+        if gap <= self.interval or self.guards.smoothing == 0:
+            return self.guards
+        return replace(self.guards, smoothing=self.guards.smoothing ** (gap / self.interval))
+
+    def _adapt_gap(self, before: torch.Tensor) -> None:
+        """After a refit: record the multipliers' change and set the gap to the next refit."""
+        gap = self.interval if self.last_refit is None else max(self.step_count - self.last_refit, 1)
+        self.last_refit = self.step_count
+        if self.max_interval == self.interval:
+            return
+        # log(m_new / m_old) per `interval` steps, so that changes after gaps of different lengths compare.
+        change = (torch.log(self.multipliers / before) * (self.interval / gap)).tolist()
+        self.recent_changes = [*self.recent_changes, change][-_TREND_WINDOW:]
+        self.gap = next_gap(self.recent_changes, self.gap, self.interval, self.max_interval)
+        self.next_refit = self.step_count + self.gap
 
     def _unmoved_groups(self, start: list[list[torch.Tensor]]) -> torch.Tensor:
         """Groups whose update u_k is exactly zero (no gradient, no decay)."""
@@ -659,6 +700,7 @@ class HiDLR(torch.optim.Optimizer):
         return {
             "groups": list(self.group_names),
             "interval": self.interval,
+            "max_interval": self.max_interval,
             "mode": self.mode,
             "total_steps": self.horizon,
             "refit_until": self.refit_until,
@@ -692,6 +734,9 @@ class HiDLR(torch.optim.Optimizer):
             "last_applied": self.lrs(),
             "step_count": self.step_count,
             "next_refit": self.next_refit,
+            "gap": self.gap,
+            "last_refit": self.last_refit,
+            "recent_changes": self.recent_changes,
             "history": [asdict(r) for r in self.history],
             "n_refits": self.n_refits,
             "n_rejected": self.n_rejected,
@@ -739,6 +784,16 @@ class HiDLR(torch.optim.Optimizer):
             raise ValueError(f"state_dict['history'] holds a malformed RefitRecord: {exc}") from exc
         if self.history_size is not None:
             history = history[-self.history_size :]
+        gap, last_refit = state.get("gap", self.interval), state.get("last_refit")
+        if isinstance(gap, bool) or not isinstance(gap, int) or not self.interval <= gap <= self.max_interval:
+            raise ValueError(f"state_dict['gap'] must be an int in [{self.interval}, {self.max_interval}], got {gap!r}")
+        if last_refit is not None and (isinstance(last_refit, bool) or not isinstance(last_refit, int) or last_refit < 0):
+            raise ValueError(f"state_dict['last_refit'] must be None or an int >= 0, got {last_refit!r}")
+        recent = state.get("recent_changes", [])
+        if not isinstance(recent, list) or not all(
+            isinstance(c, list) and len(c) == k and all(isinstance(v, (int, float)) for v in c) for c in recent
+        ):
+            raise ValueError(f"state_dict['recent_changes'] must be a list of lists of {k} floats")
         generator = state["generator"]
         if not isinstance(generator, torch.Tensor) or generator.dtype != torch.uint8:
             raise ValueError("state_dict['generator'] must be a torch.Generator state (a uint8 tensor)")
@@ -748,6 +803,7 @@ class HiDLR(torch.optim.Optimizer):
         def assign() -> None:
             self.multipliers, self._last_applied = multipliers, last_applied
             self.history = history
+            self.gap, self.last_refit, self.recent_changes = gap, last_refit, [list(map(float, c)) for c in recent]
             for key, value in counts.items():
                 setattr(self, key, value)
             self._generator.set_state(generator)
@@ -799,6 +855,27 @@ class _ProbeSource:
                 return next(self._iterator)
             except StopIteration:
                 raise ValueError("probes yields no batch (an empty DataLoader or list?)") from None
+
+
+_TREND_WINDOW = 4  # refits the trend test looks back over
+
+
+def next_gap(changes: list[list[float]], gap: int, shortest: int, longest: int) -> int:
+    """The gap to the next refit: halved (down to ``shortest``) while a group's rate trends, doubled (up to
+    ``longest``) while every group's rate is settled.
+
+    ``changes`` holds the last few refits' log(m_new / m_old) per group. A group trends when the mean of its
+    changes is more than two standard errors from zero (a one-sample t statistic |t| > 2): its rate keeps
+    moving one way, so refits are still needed. Changes of both signs, or none at all (a rejected fit, a dead
+    group), are noise around a settled rate, which a refit every few steps only re-measures.
+    """
+    if len(changes) < 3:
+        return gap  # too few refits to tell a trend from noise
+    values = torch.tensor(changes, dtype=torch.float64)  # (refits, K)
+    mean = values.mean(dim=0)
+    standard_error = values.std(dim=0) / math.sqrt(len(changes))
+    trending = (mean.abs() > 2.0 * standard_error) & (mean.abs() > 1e-12)
+    return max(shortest, gap // 2) if bool(trending.any()) else min(longest, gap * 2)
 
 
 def _plain(value: Any) -> Any:

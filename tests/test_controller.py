@@ -215,7 +215,7 @@ def test_state_dict_round_trip_reproduces_the_trajectory():
         assert torch.equal(p, q)
     assert h2.lrs() == hidlr.lrs()
     assert [r.lrs for r in h2.history] == [r.lrs for r in hidlr.history]
-    assert h2.step_count == 20 and len(h2.history) == len(hidlr.history) == 7
+    assert h2.step_count == 20 and len(h2.history) == len(hidlr.history) >= 5  # gaps of 3 or 6: adaptive
 
 
 def test_horizon_scales_the_applied_rate():

@@ -22,6 +22,7 @@ __all__ = ["GEN_DEFAULTS", "GeN"]
 #: R^2 threshold only rejects non-finite fits; pass ``design=5`` (random) to make it bite.
 GEN_DEFAULTS: dict[str, Any] = {
     "interval": 4,  # refit every 4 steps
+    "max_interval": None,  # always
     "mode": "diag",
     "design": "axial",  # K = 1: multipliers {0, +1, -1} of the current rate
     "delta": 1.0,
