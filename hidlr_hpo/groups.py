@@ -7,8 +7,8 @@ Example:
     >>> import torch
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     >>> groups = group_parameters(model, "layer")
-    >>> [g["name"] for g in groups]
-    ['0', '2']
+    >>> [g["name"] for g in groups]  # a bare Sequential's children are numbered: their type makes them readable
+    ['Linear_0', 'Linear_2']
     >>> [g["name"] for g in group_parameters(model, "type")]
     ['weight', 'bias']
     >>> opt = torch.optim.AdamW(groups, lr=1e-3)
@@ -49,8 +49,10 @@ def group_parameters(
 
     Args:
         model: the module whose ``requires_grad`` parameters are grouped (frozen ones are left out).
-        strategy: ``"layer"`` (one group per module owning parameters; ``depth`` truncates the module path,
-            so ``depth=2`` groups ``encoder.layer.3.attn.q`` under ``encoder.layer``), ``"type"`` (weight,
+        strategy: ``"layer"`` (one group per module owning parameters, named by its module path; ``depth``
+            truncates the path, so ``depth=2`` groups ``encoder.layer.3.attn.q`` under ``encoder.layer``; a
+            path that starts with a number, as in a bare ``nn.Sequential``, gets its module's type in front:
+            ``Linear_0``, not ``0``), ``"type"`` (weight,
             bias, norm, embedding), ``"regex"`` (``patterns`` maps a group name to a regular expression
             searched in the parameter name), ``"single"`` (one group: GeN), or a callable
             ``fn(name, param) -> group name``.
@@ -72,7 +74,7 @@ def group_parameters(
     elif strategy == "layer":
         if depth is not None and depth < 1:
             raise ValueError(f"depth must be >= 1 or None, got {depth}")
-        assign = _by_layer(depth)
+        assign = _by_layer(depth, model)
     elif strategy == "type":
         assign = _by_type(model)
     elif strategy == "regex":
@@ -130,10 +132,15 @@ def group_names(param_groups: Iterable[Mapping[str, Any]]) -> list[str]:
     return [str(g.get("name", f"group{i}")) for i, g in enumerate(param_groups)]
 
 
-def _by_layer(depth: int | None) -> Callable[[str, nn.Parameter], str]:
+def _by_layer(depth: int | None, model: nn.Module) -> Callable[[str, nn.Parameter], str]:
+    modules = {n.removeprefix("_orig_mod."): m for n, m in model.named_modules()}
+
     def assign(name: str, param: nn.Parameter) -> str:
         parts = name.split(".")[:-1] or [name]  # a parameter registered on the root module is its own layer
-        return ".".join(parts[:depth] if depth else parts)
+        path = ".".join(parts[:depth] if depth else parts)
+        if parts[0].isdigit() and path in modules:  # "0", "2" in charts say nothing: "Linear_0", "Linear_2"
+            return f"{type(modules[path]).__name__}_{path}"
+        return path
 
     return assign
 

@@ -168,13 +168,13 @@ def test_sage_rejects_bad_hyperparameters(kwargs, match):
 
 def test_make_optimizer_plain_groups():
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
-    opt = make_optimizer("adamax-sage", group_parameters(model, "layer"), 1e-3, plain_groups=["2"], beta3=0.8)
+    opt = make_optimizer("adamax-sage", group_parameters(model, "layer"), 1e-3, plain_groups=["Linear_2"], beta3=0.8)
     assert [g["sensitivity"] for g in opt.param_groups] == [True, False]
     assert opt.param_groups[0]["beta3"] == 0.8
     with pytest.raises(ValueError, match="unknown groups"):
         make_optimizer("adamw-sage", group_parameters(model, "layer"), 1e-3, plain_groups=["head"])
     with pytest.raises(ValueError, match="SAGE optimizers only"):
-        make_optimizer("adamw", group_parameters(model, "layer"), 1e-3, plain_groups=["2"])
+        make_optimizer("adamw", group_parameters(model, "layer"), 1e-3, plain_groups=["Linear_2"])
     with pytest.raises(ValueError, match="unknown optimizer 'adamm'"):
         make_optimizer("adamm", group_parameters(model, "layer"), 1e-3)
 

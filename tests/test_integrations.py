@@ -37,7 +37,7 @@ def test_lightning_runs_hidlr_logs_its_rates_and_checkpoints_it(tmp_path):
     hidlr = trainer.optimizers[0]
     assert hidlr.step_count == 34 and hidlr.n_refits == 4  # 2 epochs x 17 batches; refits at 0, 10, 20, 30
     rows = list(csv.DictReader(next(tmp_path.rglob("metrics.csv")).open()))
-    logged = [float(r["lr/0"]) for r in rows if r.get("lr/0")]
+    logged = [float(r["lr/Linear_0"]) for r in rows if r.get("lr/Linear_0")]
     assert len(logged) == 34 and logged[-1] == pytest.approx(hidlr.lrs()[0])
     checkpoints = sorted(tmp_path.rglob("*.ckpt"))  # epoch=0 (17 steps), epoch=1 (34 steps)
     assert torch.load(checkpoints[-1], weights_only=False)["optimizer_states"][0]["hidlr"]["n_refits"] == 4

@@ -173,7 +173,7 @@ preset = "gen"
 name = "sage"
 kind = "grid"
 optimizer = "adamw-sage"
-optimizer_options = { plain_groups = ["4"], beta3 = 0.8 }
+optimizer_options = { plain_groups = ["Linear_4"], beta3 = 0.8 }
 lrs = [1e-3, 1e-2]
 
 [[methods]]

@@ -18,7 +18,7 @@ def _float32():
 @pytest.mark.parametrize(
     "name, groups",
     [
-        ("digits", ["0", "2", "4"]),
+        ("digits", ["Linear_0", "Linear_2", "Linear_4"]),
         ("nam", [f"features.{j}" for j in range(6)] + ["output"]),
         ("multitask", ["trunk", "heads.0", "heads.1", "heads.2"]),
     ],

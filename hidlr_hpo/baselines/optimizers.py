@@ -61,9 +61,9 @@ def make_optimizer(
         >>> import torch
         >>> from hidlr_hpo import group_parameters
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
-        >>> opt = make_optimizer("adamw-sage", group_parameters(model, "layer"), 1e-3, plain_groups=["2"])
+        >>> opt = make_optimizer("adamw-sage", group_parameters(model, "layer"), 1e-3, plain_groups=["Linear_2"])
         >>> [(g["name"], g["sensitivity"]) for g in opt.param_groups]
-        [('0', True), ('2', False)]
+        [('Linear_0', True), ('Linear_2', False)]
 
     Args:
         plain_groups: for the SAGE optimizers, the groups trained without the sensitivity scaling (SAGE's
