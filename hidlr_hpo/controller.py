@@ -149,8 +149,9 @@ class HiDLR(torch.optim.Optimizer):
         interval: refit every this many steps (step 0 included); with ``max_interval`` the shortest gap.
         max_interval: let the gap between refits grow up to this many steps while the rates are settled, and
             shrink back towards ``interval`` while they trend (see :func:`next_gap`); ``"4x"`` (default):
-            4 * interval; None keeps ``interval`` fixed. The smoothing is per ``interval`` steps: a refit after g steps smooths with s^(g / interval),
-            so that the rates' time constant in steps does not depend on the gap.
+            4 * interval; None keeps ``interval`` fixed. The smoothing is per ``interval`` steps: a refit
+            after g steps smooths with s^(g / interval), so that the rates' time constant in steps does not
+            depend on the gap.
         mode: ``"diag"`` (K axis curvatures; 2K + 1 probes) or ``"full"`` (cross terms too).
         design: ``"axial"`` (default for diag), ``"pairwise"`` (default for full), an int (a random
             design of that many points, which gives a meaningful R^2), or an explicit (P, K) tensor of
@@ -243,7 +244,9 @@ class HiDLR(torch.optim.Optimizer):
         if max_interval is not None and (
             isinstance(max_interval, bool) or not isinstance(max_interval, int) or max_interval < interval
         ):
-            raise ValueError(f"max_interval must be None, \"4x\" or an int >= interval ({interval}), got {max_interval!r}")
+            raise ValueError(
+                f'max_interval must be None, "4x" or an int >= interval ({interval}), got {max_interval!r}'
+            )
         if total_steps is not None and (
             isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1
         ):
@@ -787,7 +790,9 @@ class HiDLR(torch.optim.Optimizer):
         gap, last_refit = state.get("gap", self.interval), state.get("last_refit")
         if isinstance(gap, bool) or not isinstance(gap, int) or not self.interval <= gap <= self.max_interval:
             raise ValueError(f"state_dict['gap'] must be an int in [{self.interval}, {self.max_interval}], got {gap!r}")
-        if last_refit is not None and (isinstance(last_refit, bool) or not isinstance(last_refit, int) or last_refit < 0):
+        if last_refit is not None and (
+            isinstance(last_refit, bool) or not isinstance(last_refit, int) or last_refit < 0
+        ):
             raise ValueError(f"state_dict['last_refit'] must be None or an int >= 0, got {last_refit!r}")
         recent = state.get("recent_changes", [])
         if not isinstance(recent, list) or not all(

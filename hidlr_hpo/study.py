@@ -29,6 +29,7 @@ import contextlib
 import itertools
 import math
 import os
+import statistics
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -111,8 +112,29 @@ def run_study(
     except BaseException:
         tracker.end_study(failed=True)
         raise
+    if tracker.active:
+        tracker.log_summary(method_summary_metrics(cfg, storage))
     tracker.end_study()
     return tracker
+
+
+def method_summary_metrics(cfg: StudyConfig, storage: str | None = None) -> dict[str, float]:
+    """Per method, means over seeds of the selected trial's final validation and test loss, and of the compute
+    and trials spent per seed: the parent run's summary metrics."""
+    from .report import collect  # report builds on this module
+
+    metrics: dict[str, float] = {}
+    for summary in collect(cfg, storage):
+        if not summary.selected:
+            continue
+        for key in ("final_val_loss", "test_loss", "test_acc"):
+            values = [v for v in summary.metric(key) if math.isfinite(v)]
+            if values:
+                metrics[f"{summary.name}/{key}"] = statistics.mean(values)
+        metrics[f"{summary.name}/compute"] = statistics.mean(summary.compute)
+        metrics[f"{summary.name}/trials"] = statistics.mean(summary.trials_per_seed)
+        metrics[f"{summary.name}/seeds"] = len(summary.selected)
+    return metrics
 
 
 def _run_plans(cfg: StudyConfig, storage: str, show_progress: bool, tracker: Tracker) -> None:
@@ -360,17 +382,17 @@ def _objective(
         try:
             result = train(task, on_epoch=on_epoch, on_refit=run.refit, **kwargs)
         except optuna.TrialPruned:
-            run.finish({"compute": trial.user_attrs.get("compute", 0.0)})
+            run.finish({"compute": trial.user_attrs.get("compute", 0.0)}, state="PRUNED")
             raise
         except BaseException as exc:
-            run.finish({}, failed=True)
+            run.finish({}, failed=True, state="FAIL")
             if isinstance(exc, Exception):  # failed in training (an interrupt is not a result)
                 trial.set_user_attr("error", f"{type(exc).__name__}: {str(exc)[:300]}")
             raise
         _record(trial, result)
         if run.active:
             figures = trial_figures(result)
-            run.finish(result.summary(), figures)
+            run.finish(result.summary(), figures, state="COMPLETE")
             for _, figure in figures:
                 plt.close(figure)
             trial.set_user_attr("tracking_seconds", run.log_seconds)

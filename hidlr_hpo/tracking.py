@@ -64,6 +64,22 @@ def ui_command(tracking_uri: str | None = None, port: int = 5000) -> list[str]:
     ]
 
 
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+
+
+def _study_params(config: dict[str, Any]) -> dict[str, Any]:
+    """The parent run's params: what the study was configured with, in a few readable keys."""
+    task = config.get("task", {})
+    budget = config.get("budget", {})
+    return {
+        "task": task.get("name"),
+        "seeds": config.get("seeds"),
+        "epochs": budget.get("epochs"),
+        "batch_size": budget.get("batch_size"),
+        "methods": ", ".join(m.get("name", "?") for m in config.get("methods", [])),
+    }
+
+
 def _key(name: str) -> str:
     """An MLflow-safe metric/param key (letters, digits, _ - . / and spaces)."""
     return re.sub(r"[^\w\-./ ]", "_", str(name))
@@ -123,6 +139,8 @@ class Tracker:
         def start() -> None:
             experiment = self.client.get_experiment_by_name(study_name)
             self.experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(study_name)
+            # MLflow 3 opens an experiment of no declared kind on its GenAI overview; these are training runs.
+            self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development")
             found = self.client.search_runs(
                 [self.experiment_id], filter_string="tags.`hidlr.role` = 'study'", max_results=1
             )
@@ -134,10 +152,25 @@ class Tracker:
             )
             self.parent_id = run.info.run_id
             self.client.log_dict(self.parent_id, config, "study_config.json")
+            from mlflow.entities import Param
+
+            params = _study_params(config)
+            self.client.log_batch(self.parent_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
 
         self._safe(start)
         if reopen and self.parent_id is not None:
             self._safe(lambda: self.client.update_run(self.parent_id, status="RUNNING"))
+
+    def log_summary(self, metrics: dict[str, float]) -> None:
+        """Per-method results on the parent run (``<method>/final_val_loss``, ``<method>/compute``, ...), so
+        the study's outcome reads from the parent's metrics without opening every child."""
+        if self.parent_id is None or not metrics:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(_key(k), float(v), now, 0) for k, v in metrics.items() if math.isfinite(float(v))]
+        self._safe(lambda: self.client.log_batch(self.parent_id, metrics=batch))
 
     def end_study(self, failed: bool = False) -> None:
         """Close the parent run: FINISHED after a complete run, FAILED when the run stopped on an error."""
@@ -255,9 +288,16 @@ class TrialRun:
             self.tracker._safe(lambda chunk=chunk: self.tracker.client.log_batch(self.run_id, metrics=chunk))
         self.log_seconds += time.perf_counter() - t0
 
-    def finish(self, summary: dict[str, float], figures: Iterable[tuple[str, Any]] = (), failed: bool = False) -> None:
+    def finish(
+        self,
+        summary: dict[str, float],
+        figures: Iterable[tuple[str, Any]] = (),
+        failed: bool = False,
+        state: str | None = None,
+    ) -> None:
         """Final metrics (at the last step), the full A matrices (mode full), the trial's figures; then close
-        the run. After a tracking failure it still tries, once and silently, to mark the run FAILED so that
+        the run, tagged with the Optuna trial's ``state`` (``optuna.state``: COMPLETE, PRUNED or FAIL) when
+        given. After a tracking failure it still tries, once and silently, to mark the run FAILED so that
         it does not stay RUNNING in the UI."""
         if not self.active:
             if self.run_id is not None and self.tracker.client is not None:
@@ -276,6 +316,8 @@ class TrialRun:
             self.tracker._safe(lambda: client.log_text(self.run_id, text, "curvature/A_full.json"))
         for name, figure in figures:
             self.tracker._safe(lambda name=name, figure=figure: client.log_figure(self.run_id, figure, name))
+        if state is not None:
+            self.tracker._safe(lambda: client.set_tag(self.run_id, "optuna.state", state))
         status = "FAILED" if failed else "FINISHED"
         self.tracker._safe(lambda: client.set_terminated(self.run_id, status))
         self.log_seconds += time.perf_counter() - t0

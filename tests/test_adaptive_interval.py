@@ -73,7 +73,9 @@ def test_gaps_follow_the_rule_and_records_hold_them():
     changes: list[list[float]] = []
     m_before, gap = torch.ones(2, dtype=torch.float64), 5
     for record, following in zip(hidlr.history, hidlr.history[1:], strict=False):
-        m_after = torch.tensor(record.lrs, dtype=torch.float64) / torch.tensor(record.scheduled_lrs, dtype=torch.float64)
+        m_after = torch.tensor(record.lrs, dtype=torch.float64) / torch.tensor(
+            record.scheduled_lrs, dtype=torch.float64
+        )
         changes = [*changes, (torch.log(m_after / m_before) * (5 / (record.gap or 5))).tolist()][-4:]
         gap = next_gap(changes, gap, 5, 40)
         assert following.step - record.step == gap

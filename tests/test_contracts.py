@@ -276,7 +276,9 @@ def test_load_state_dict_refuses_other_settings_and_is_atomic():
     own = state["hidlr"]
 
     other = HiDLR(opt, model, mse, interval=7, total_steps=None, probes=None)
-    with pytest.raises(ValueError, match="interval: saved 2, here 7; max_interval: saved 8, here 28; total_steps: saved 100, here None"):
+    with pytest.raises(
+        ValueError, match="interval: saved 2, here 7; max_interval: saved 8, here 28; total_steps: saved 100, here None"
+    ):
         other.load_state_dict(state)
 
     target = HiDLR(opt, model, mse, interval=2, total_steps=100, probes=None)

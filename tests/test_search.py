@@ -5,6 +5,7 @@ from __future__ import annotations
 import optuna
 import pytest
 import torch
+from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from hidlr_hpo.config import StudyConfig
@@ -51,7 +52,8 @@ def trials(cfg, name, states=None):
 
 def test_the_outer_search_reports_every_epoch_prunes_and_counts_pruned_compute(tmp_path):
     cfg = study(tmp_path)
-    run_study(cfg, show_progress=False, tracking=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_study(cfg, show_progress=False, tracking_uri=uri)
     for name in ("hidlr-search", "tpe-pruned"):
         finished = trials(cfg, name)
         assert len(finished) == 6 and {t.state for t in finished} <= {TrialState.COMPLETE, TrialState.PRUNED}
@@ -65,6 +67,16 @@ def test_the_outer_search_reports_every_epoch_prunes_and_counts_pruned_compute(t
             assert len(t.intermediate_values) == t.user_attrs["epochs_run"]
         complete = [t for t in finished if t.state == TrialState.COMPLETE]
         assert all(len(t.intermediate_values) == 6 for t in complete)
+    # Each trial's MLflow run carries the Optuna state: pruned runs can be filtered out (or in).
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("search").experiment_id], "tags.`hidlr.role` = 'trial'")
+    for name in ("hidlr-search", "tpe-pruned"):
+        states = {
+            int(r.data.tags["optuna.trial_number"]): r.data.tags["optuna.state"]
+            for r in runs
+            if r.data.params["method"] == name
+        }
+        assert states == {t.number: t.state.name for t in trials(cfg, name)}
     summary = next(s for s in collect(cfg) if s.name == "hidlr-search")
     everything = sum(t.user_attrs["compute"] for t in trials(cfg, "hidlr-search"))
     assert summary.compute == [pytest.approx(everything)]  # pruned trials' compute counts

@@ -96,6 +96,17 @@ def test_sqlite_default_holds_study_trials_and_refits(cfg, tmp_path, monkeypatch
     assert {c.data.params["method"] for c in children} == {"hidlr-full", "grid"}
     assert all(c.info.status == "FINISHED" and c.data.params["seed"] == "0" for c in children)
     assert parent.info.status == "FINISHED"  # the study ran to its end
+    # The parent says what the study was and how each method did, without opening its children.
+    assert parent.data.params["task"] == "digits" and parent.data.params["methods"] == "hidlr-full, grid"
+    grid_values = [t.value for t in _trials(cfg, "grid")]
+    assert parent.data.metrics["grid/final_val_loss"] == pytest.approx(min(grid_values))
+    assert parent.data.metrics["grid/trials"] == 2 and parent.data.metrics["hidlr-full/seeds"] == 1
+    assert parent.data.metrics["hidlr-full/compute"] == pytest.approx(
+        _trials(cfg, "hidlr-full")[0].user_attrs["compute"]
+    )
+    assert all(c.data.tags["optuna.state"] == "COMPLETE" for c in children)
+    # MLflow 3 opens the experiment on its training runs, not on the GenAI overview.
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     grid_params = sorted(float(c.data.params["lr"]) for c in children if c.data.params["method"] == "grid")
     assert grid_params == [1e-3, 1e-2]  # the sampled rate is a param: runs can be filtered and compared on it
     assert all(c.data.params["optimizer"] == "adamw" and c.data.params["epochs"] == "2" for c in children)
