@@ -17,7 +17,7 @@ from .groups import group_names, group_parameters
 from .report import write_report
 from .study import pin_cpu_kernels, run_study
 from .tasks import get_task
-from .tracking import Tracker, ui_command
+from .tracking import DEFAULT_TRACKING_URI, Tracker, ui_command
 from .training import EpochLog, train
 
 app = typer.Typer(
@@ -151,7 +151,11 @@ def run(
         f"next: hidlr report {study_file}{' --quick' if quick else ''}"
     )
     if tracker.active:
-        console.print(f"MLflow: experiment [bold]{cfg.name}[/bold] in {tracker.uri}; browse it with: hidlr ui")
+        if tracker.uri.startswith("http"):
+            browse = f"open {tracker.uri}"
+        else:
+            browse = "hidlr ui" + ("" if tracker.uri == DEFAULT_TRACKING_URI else f" --tracking-uri {tracker.uri}")
+        console.print(f"MLflow: experiment [bold]{cfg.name}[/bold] in {tracker.uri}; browse it with: {browse}")
 
 
 @app.command()
@@ -213,7 +217,9 @@ def ui(
     except ValueError as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from None
-    console.print(f"MLflow UI for {command[3]} on http://127.0.0.1:{port} (Ctrl-C stops it)")
+    # MLflow 3 opens on its GenAI pages unless told otherwise; studies are model-training runs.
+    url = f"http://127.0.0.1:{port}/#/experiments?workflowType=machine_learning"
+    console.print(f"MLflow UI for {command[3]} on {url} (Ctrl-C stops it)")
     raise typer.Exit(subprocess.call([shutil.which(command[0]) or command[0], *command[1:]]))
 
 
