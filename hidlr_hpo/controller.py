@@ -160,7 +160,7 @@ class HiDLR(torch.optim.Optimizer):
         trust_ratio: new rate within [eta / r, eta * r] of the previous one (None: off).
         smoothing: eta <- s * eta_prev + (1 - s) * eta_new (0: off); ``smooth_decreases=False`` smooths only
             increases, so a decrease within the trust region applies at once.
-        smoothing_bias_correction, log_smoothing, smooth_decreases: see
+        smoothing_bias_correction, log_smoothing, smooth_decreases, believable_ratio: see
             :class:`~hidlr_hpo.curvature.Safeguards`.
         min_r2: reject fits whose R^2 is below this (None: off).
         lr_bounds: absolute (lr_min, lr_max) (None: off).
@@ -207,6 +207,7 @@ class HiDLR(torch.optim.Optimizer):
         smoothing_bias_correction: bool = False,
         log_smoothing: bool = False,
         smooth_decreases: bool = True,
+        believable_ratio: float | None = None,
         min_r2: float | None = None,
         lr_bounds: tuple[float, float] | None = (1e-8, 10.0),
         nondescent_shrink: float = 1.0,
@@ -304,6 +305,7 @@ class HiDLR(torch.optim.Optimizer):
             smoothing_bias_correction=smoothing_bias_correction,
             log_smoothing=log_smoothing,
             smooth_decreases=smooth_decreases,
+            believable_ratio=believable_ratio,
             lr_bounds=lr_bounds,
             nondescent_shrink=nondescent_shrink,
         )

@@ -100,6 +100,14 @@ VARIANTS: dict[str, dict] = {
     "+ held-out probe + horizon, adaptive interval 10-80": dict(
         probe="heldout", hidlr=dict(GEN_LIKE, horizon=True, max_interval=80)
     ),
+    # Take a proposal within 4x (or 8x) of the current rate unsmoothed: near the probed range the model
+    # interpolates; far beyond it (the 10-60x of digits) it extrapolates a nearly linear fit (experimental).
+    "+ held-out probe + horizon, proposals within 4x unsmoothed": dict(
+        probe="heldout", hidlr=dict(GEN_LIKE, horizon=True, believable_ratio=4.0)
+    ),
+    "+ held-out probe + horizon, proposals within 8x unsmoothed": dict(
+        probe="heldout", hidlr=dict(GEN_LIKE, horizon=True, believable_ratio=8.0)
+    ),
     # The known-linear-term lever: b from the training gradient, K + 1 probes on the training batch.
     "train probe, gradient slope (K + 1 probes), + horizon": dict(
         probe="train", hidlr=dict(GEN_LIKE, horizon=True, slope="gradient")
@@ -168,6 +176,7 @@ def main() -> None:
         + (["--variants"] if args.variants else [])
         + (["--cosine-grid"] if args.cosine_grid else [])
         + ([f"--configs {' '.join(repr(c) for c in args.configs)}"] if args.configs else [])
+        + ([f"--out {args.out}"] if args.out else [])
     )
     lines = [
         f"# Hi-DLR's defaults on {args.task}: variants against an 8-value AdamW grid",

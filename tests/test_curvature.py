@@ -14,6 +14,7 @@ from hidlr_hpo.curvature import (
     axial_design,
     fit_quadratic,
     influence,
+    limit_rates,
     make_design,
     n_unknowns,
     pairwise_design,
@@ -284,3 +285,17 @@ def test_the_no_gain_check_compares_the_rates_the_step_applies():
         result = apply_safeguards(prev, fit, Safeguards(trust_ratio=2.0, smoothing=0.9), applied_scale=0.2)
         chosen, current = fit.predict(torch.stack([result.lrs, prev]) * 0.2).tolist()
         assert chosen <= current + 1e-12
+
+
+def test_believable_ratio_takes_near_proposals_unsmoothed_and_smooths_far_ones():
+    guards = Safeguards(trust_ratio=4.0, smoothing=0.9, believable_ratio=4.0)
+    prev = torch.ones(3, dtype=torch.float64)
+    proposals = torch.tensor([3.0, 10.0, 0.5], dtype=torch.float64)  # within 4x, beyond, within (down)
+    new = limit_rates(prev, proposals, guards)
+    # 3x and 0.5x are taken as they are; 10x is clipped to 4x, then smoothed: 0.9 * 1 + 0.1 * 4.
+    assert new.tolist() == pytest.approx([3.0, 1.3, 0.5])
+    assert limit_rates(prev, proposals, Safeguards(trust_ratio=4.0, smoothing=0.9)).tolist() == pytest.approx(
+        [1.2, 1.3, 0.95]
+    )
+    with pytest.raises(ValueError, match="believable_ratio"):
+        Safeguards(believable_ratio=0.5)
