@@ -48,7 +48,7 @@ def demo(
     epochs: Annotated[int, typer.Option(min=1, help="training epochs")] = 30,
     lr: Annotated[float, typer.Option(help="starting learning rate of every group (AdamW)")] = 1e-3,
     mode: Annotated[str, typer.Option(help="diag or full")] = "diag",
-    interval: Annotated[int, typer.Option(min=1, help="refit every N steps")] = 10,
+    interval: Annotated[int, typer.Option(min=1, help="refit every N to 4N steps (adaptive)")] = 10,
     seed: Annotated[int, typer.Option()] = 0,
     probe: Annotated[str, typer.Option(help="probe batch: heldout (validation) or train")] = "heldout",
     horizon: Annotated[bool, typer.Option(help="scale the rates down linearly over the planned steps")] = True,
@@ -65,7 +65,8 @@ def demo(
     task = get_task("digits")
     console.print(
         f"[bold]digits[/bold]: {len(task.train)} train / {len(task.val)} val / {len(task.test)} test, "
-        f"MLP 64-128-128-10, groups by layer, AdamW from lr={lr:g}, Hi-DLR {mode}, refit every {interval} steps"
+        f"MLP 64-128-128-10, groups by layer, AdamW from lr={lr:g}, Hi-DLR {mode}, "
+        f"refit every {interval}-{4 * interval} steps"
     )
 
     names = group_names(group_parameters(task.make_model(seed), task.grouping))
