@@ -21,6 +21,7 @@ def _float32():
         ("digits", ["Linear_0", "Linear_2", "Linear_4"]),
         ("nam", [f"features.{j}" for j in range(6)] + ["output"]),
         ("multitask", ["trunk", "heads.0", "heads.1", "heads.2"]),
+        ("wide_deep", ["embeddings.0", "embeddings.1", "embeddings.2", "tower", "output"]),
     ],
 )
 def test_tasks_have_fixed_disjoint_splits_and_their_groups(name, groups):
@@ -45,6 +46,21 @@ def test_multitask_heads_see_different_curvature():
     measured = [c for c in heads if math.isfinite(c) and c > 0]
     assert len(measured) >= 2
     assert max(measured) / min(measured) > 10
+
+
+def test_wide_deep_embedding_tables_see_frequency_dependent_gradients():
+    """Zipf-distributed categories: the big table's rows are mostly rare, the small table's all frequent."""
+    task = get_task("wide_deep", n_samples=3000)
+    ids = task.train.x[:, :3].long()
+    assert torch.equal(ids.float(), task.train.x[:, :3])  # categorical columns are exact integers
+    assert int(ids[:, 0].max()) < 2000 and int(ids[:, 2].max()) < 20
+    counts = torch.bincount(ids[:, 0], minlength=2000)
+    assert (counts == 0).sum() > 1000 and counts.max() > 100  # a long tail and a head
+    model = task.make_model(0)
+    task.loss_fn(model, (task.train.x[:64], task.train.y[:64])).backward()
+    big, small = model.embeddings[0].weight.grad, model.embeddings[2].weight.grad
+    assert (big.abs().sum(dim=1) > 0).sum() <= 64 < 2000  # a batch touches at most 64 of the 2000 rows
+    assert (small.abs().sum(dim=1) > 0).sum() >= 5
 
 
 def test_sentiment_lora_task_trains_only_the_adapters_and_the_head():

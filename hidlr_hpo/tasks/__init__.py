@@ -15,14 +15,16 @@ from typing import Any
 from .base import Split, Task
 from .digits import digits_task
 from .synthetic import multitask_task, nam_task
+from .tabular import wide_deep_task
 
-__all__ = ["TASKS", "Split", "Task", "digits_task", "get_task", "multitask_task", "nam_task", "resolve_task"]
+__all__ = ["TASKS", "Split", "Task", "digits_task", "get_task", "multitask_task", "nam_task", "resolve_task", "wide_deep_task"]
 
 #: short names of the built-in tasks, and the factories they stand for
 TASKS: dict[str, str] = {
     "digits": "hidlr_hpo.tasks.digits:digits_task",
     "nam": "hidlr_hpo.tasks.synthetic:nam_task",
     "multitask": "hidlr_hpo.tasks.synthetic:multitask_task",
+    "wide_deep": "hidlr_hpo.tasks.tabular:wide_deep_task",
     "sentiment": "hidlr_hpo.tasks.text:sentiment_task",  # the [text] extra: transformers, peft, MiniLM
 }
 
