@@ -17,7 +17,17 @@ from .digits import digits_task
 from .synthetic import multitask_task, nam_task
 from .tabular import wide_deep_task
 
-__all__ = ["TASKS", "Split", "Task", "digits_task", "get_task", "multitask_task", "nam_task", "resolve_task", "wide_deep_task"]
+__all__ = [
+    "TASKS",
+    "Split",
+    "Task",
+    "digits_task",
+    "get_task",
+    "multitask_task",
+    "nam_task",
+    "resolve_task",
+    "wide_deep_task",
+]
 
 #: short names of the built-in tasks, and the factories they stand for
 TASKS: dict[str, str] = {
