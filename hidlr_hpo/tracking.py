@@ -259,6 +259,8 @@ class TrialRun:
         self._metric("rejected", float(record.rejected), t)
         self._metric("probe_seconds", record.probe_seconds, t)
         self._metric("compute_spent", compute, t)
+        if record.gap:  # steps since the previous refit: the adaptive schedule (0 for the first refit)
+            self._metric("refit_gap", float(record.gap), t)
         k = len(record.A)
         if any(record.A[i][j] != 0 for i in range(k) for j in range(k) if i != j):  # a full fit: keep all of A
             self._full_a.append({"step": t, "A": record.A, "used_mode": record.used_mode})

@@ -125,6 +125,8 @@ def test_sqlite_default_holds_study_trials_and_refits(cfg, tmp_path, monkeypatch
     assert [m.value for m in history] == pytest.approx([lrs[0] for lrs in refits["lrs"]])
     for key in ("r2", "predicted_decrease", "realised_decrease", f"b/{first}", f"A_kk/{first}", "compute_spent"):
         assert client.get_metric_history(child.info.run_id, key), key
+    gaps = client.get_metric_history(child.info.run_id, "refit_gap")  # the adaptive schedule, refit by refit
+    assert [m.value for m in gaps] == [b - a for a, b in zip(refits["step"], refits["step"][1:], strict=False)]
     val = client.get_metric_history(child.info.run_id, "val_loss")
     assert [m.step for m in val] == [9, 18]  # two epochs of 9 steps
     assert val[-1].value == pytest.approx(hidlr_trial.value)
