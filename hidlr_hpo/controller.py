@@ -342,7 +342,7 @@ class HiDLR(torch.optim.Optimizer):
         self.probe_forwards = 0  # forward passes spent on probes
         self.diagnostic_forwards = 0  # forward passes spent measuring realised decreases
         self.diagnostic_seconds = 0.0  # and the time they took (not the method's cost)
-        self._last_applied: torch.Tensor | None = None  # the rates the last step used
+        self._last_applied: list[float] | None = None  # the rates the last step used
         self._warned: set[str] = set()
         if slope == "gradient":  # last: nothing above can fail and leave a hook behind
             self._hooks = _register_grad_hooks(self, [p for g in optimizer.param_groups for p in g["params"]])
@@ -376,23 +376,25 @@ class HiDLR(torch.optim.Optimizer):
         """The rates the last step used, per group (before any step: the rates the first will use)."""
         if self._last_applied is None:
             return (self.base_lrs * self._horizon_factor(self.step_count)).tolist()
-        return self._last_applied.tolist()
+        return list(self._last_applied)
 
     def _horizon_factor(self, t: int) -> float:
         return 1.0 if self.horizon is None else max(0.0, 1.0 - t / self.horizon)
 
     def _scheduled_lrs(self) -> torch.Tensor:
         """Each group's own ``lr`` as the user or a scheduler set it: read, never assumed."""
-        lrs = torch.tensor([float(g["lr"]) for g in self._base.param_groups], dtype=torch.float64)
-        bad = [
-            (n, lr) for n, lr in zip(self.group_names, lrs.tolist(), strict=True) if not (lr >= 0 and math.isfinite(lr))
-        ]
-        if bad:
-            raise ValueError(f"group {bad[0][0]!r} has lr={bad[0][1]}; a learning rate must be finite and >= 0")
+        return torch.tensor(self._scheduled_list(), dtype=torch.float64)
+
+    def _scheduled_list(self) -> list[float]:
+        # Plain floats: every step reads them, and K tiny tensor operations per step cost more than the maths.
+        lrs = [float(g["lr"]) for g in self._base.param_groups]
+        for name, lr in zip(self.group_names, lrs, strict=True):
+            if not (lr >= 0 and math.isfinite(lr)):
+                raise ValueError(f"group {name!r} has lr={lr}; a learning rate must be finite and >= 0")
         return lrs
 
-    def _set_lrs(self, lrs: torch.Tensor) -> None:
-        for group, lr in zip(self._base.param_groups, lrs.tolist(), strict=True):
+    def _set_lrs(self, lrs: list[float]) -> None:
+        for group, lr in zip(self._base.param_groups, lrs, strict=True):
             group["lr"] = lr
 
     def _warn_once(self, key: str, message: str) -> None:
@@ -417,11 +419,12 @@ class HiDLR(torch.optim.Optimizer):
                 "step(probe_batch=...)"
             )
         due = self.refit_due
-        scheduled = self._scheduled_lrs()
+        scheduled = self._scheduled_list()
         factor = self._horizon_factor(self.step_count)
-        level = scheduled * self.multipliers  # eta0 = lr * m
-        applied = level * factor  # the rates this step uses
-        if probe_batch is None and due and self._probe_source is not None and bool((applied > 0).any()):
+        # eta = (lr * m) * h in float64, as plain floats (bit-identical to the tensor form; cheaper per step)
+        applied = [lr * m * factor for lr, m in zip(scheduled, self.multipliers.tolist(), strict=True)]
+        moving = any(rate > 0 for rate in applied)
+        if probe_batch is None and due and self._probe_source is not None and moving:
             probe_batch = self._probe_source.draw()
         if probe_batch is not None and not due:
             self._warn_once(
@@ -435,7 +438,7 @@ class HiDLR(torch.optim.Optimizer):
                 f"HiDLR has had no probe batch for {self.step_count - self.next_refit} steps since a refit fell due, "
                 "so its rates have not been refitted; pass one to step() when hidlr.refit_due is True.",
             )
-        refit = probe_batch is not None and due and bool((applied > 0).any())
+        refit = probe_batch is not None and due and moving
         if refit and self.slope == "gradient":
             self._check_gradient_function()
             if closure is None:
@@ -452,7 +455,10 @@ class HiDLR(torch.optim.Optimizer):
             if start is not None:
                 self.next_refit = self.step_count + self.gap  # also if the probes raise (out of memory)
                 before = self.multipliers
-                self._last_applied = self._refit(probe_batch, start, scheduled, level, applied, factor)
+                scheduled_t = torch.tensor(scheduled, dtype=torch.float64)
+                level = scheduled_t * self.multipliers  # eta0 = lr * m
+                applied_t = torch.tensor(applied, dtype=torch.float64)
+                self._last_applied = self._refit(probe_batch, start, scheduled_t, level, applied_t, factor).tolist()
                 self._adapt_gap(before)
         finally:
             self._set_lrs(scheduled)  # the user's (scheduler's) own values, untouched
@@ -808,7 +814,7 @@ class HiDLR(torch.optim.Optimizer):
         check.set_state(generator)  # raises on a malformed state, before anything is assigned
 
         def assign() -> None:
-            self.multipliers, self._last_applied = multipliers, last_applied
+            self.multipliers, self._last_applied = multipliers, last_applied.tolist()
             self.history = history
             self.gap, self.last_refit, self.recent_changes = gap, last_refit, [list(map(float, c)) for c in recent]
             for key, value in counts.items():
