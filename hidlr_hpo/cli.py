@@ -15,6 +15,7 @@ from rich.table import Table
 from .config import StudyConfig, load_study_config
 from .groups import group_names, group_parameters
 from .report import write_report
+from .storage import check_storage_url
 from .study import pin_cpu_kernels, run_study
 from .tasks import get_task
 from .tracking import DEFAULT_TRACKING_URI, Tracker, ui_command
@@ -120,9 +121,11 @@ TrackingUriOption = Annotated[
 TrackingOption = Annotated[bool, typer.Option(help="log to MLflow (parent run per study, child run per trial)")]
 
 
-def _load(path: Path, quick: bool):
+def _load(path: Path, quick: bool, storage: str | None = None):
+    """The study file (and the storage it will use, ``--storage`` or the file's), or one red line and exit 2."""
     try:
         cfg = load_study_config(path)
+        check_storage_url(storage or cfg.storage)
     except ValueError as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from None
@@ -145,7 +148,7 @@ def run(
     are the study's own.
     """
     pin_cpu_kernels()  # before torch's first CPU operation, which picks the kernels for the process
-    cfg = _load(study_file, quick)
+    cfg = _load(study_file, quick, storage)
     tracker = run_study(cfg, storage=storage, tracking_uri=tracking_uri, tracking=tracking)
     console.print(
         f"study [bold]{cfg.name}[/bold] done in {storage or cfg.storage}; "
@@ -169,7 +172,7 @@ def report(
     tracking: Annotated[bool, typer.Option(help="attach the report to the study's MLflow parent run")] = True,
 ) -> None:
     """Write the comparison table (markdown) and plots (PNG) of a study."""
-    cfg = _load(study_file, quick)
+    cfg = _load(study_file, quick, storage)
     try:
         path = write_report(cfg, out_dir=out, storage=storage)
     except ValueError as exc:

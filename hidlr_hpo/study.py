@@ -61,6 +61,7 @@ from .config import (
 from .config import describe_method as describe
 from .groups import group_parameters
 from .plots import plt, trial_figures
+from .storage import check_storage_url
 from .tasks import Task, get_task
 from .tracking import Tracker
 from .training import EpochLog, TrainResult, train
@@ -103,7 +104,7 @@ def run_study(
     Returns the tracker (its ``failed`` says whether tracking was switched off by an error).
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = storage or cfg.storage
+    storage = check_storage_url(storage or cfg.storage)  # a bad URL fails here, before anything is written
     tracker = Tracker(tracking_uri, enabled=tracking)
     tracker.start_study(cfg.name, cfg.model_dump(), reopen=True)
     try:
