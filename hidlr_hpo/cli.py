@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .config import StudyConfig, load_study_config
@@ -127,7 +128,7 @@ def _load(path: Path, quick: bool, storage: str | None = None):
         cfg = load_study_config(path)
         check_storage_url(storage or cfg.storage)
     except ValueError as exc:
-        console.print(f"[red]{exc}[/red]")
+        console.print(f"[red]{escape(str(exc))}[/red]")
         raise typer.Exit(2) from None
     return cfg.quick() if quick else cfg
 
@@ -176,7 +177,7 @@ def report(
     try:
         path = write_report(cfg, out_dir=out, storage=storage)
     except ValueError as exc:
-        console.print(f"[red]{exc}[/red]")
+        console.print(f"[red]{escape(str(exc))}[/red]")
         raise typer.Exit(1) from None
     console.print(_summary_table(cfg, storage))
     console.print(f"report (every column, paired comparisons, plots): {path}")
@@ -219,7 +220,7 @@ def ui(
     try:
         command = ui_command(tracking_uri, port)
     except ValueError as exc:
-        console.print(f"[red]{exc}[/red]")
+        console.print(f"[red]{escape(str(exc))}[/red]")
         raise typer.Exit(2) from None
     # MLflow 3 opens on its GenAI pages unless told otherwise; studies are model-training runs.
     url = f"http://127.0.0.1:{port}/#/experiments?workflowType=machine_learning"
