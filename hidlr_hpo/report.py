@@ -22,6 +22,7 @@ import optuna  # noqa: E402
 from optuna.trial import FrozenTrial, TrialState  # noqa: E402
 
 from .config import MethodConfig, StudyConfig, describe_method  # noqa: E402
+from .storage import sqlite_file  # noqa: E402
 from .study import optuna_study_name  # noqa: E402
 
 __all__ = ["MethodSummary", "collect", "write_report"]
@@ -102,11 +103,15 @@ def _mean_std(values: list[float], digits: int = 4) -> str:
 
 def write_report(cfg: StudyConfig, out_dir: str | Path | None = None, storage: str | None = None) -> Path:
     """Write ``report.md`` and the plots into ``out_dir`` (default: the study's ``results_dir``)."""
-    out = Path(out_dir or cfg.results_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    url = storage or cfg.storage
+    database = sqlite_file(url)
+    if database is not None and not database.exists():  # opening it would create an empty one
+        raise ValueError(f"study {cfg.name!r}: there is no database {str(database)!r} ({url}); run it first")
     summaries = [s for s in collect(cfg, storage) if s.selected]
     if not summaries:
-        raise ValueError(f"study {cfg.name!r} has no finished trial in {storage or cfg.storage}; run it first")
+        raise ValueError(f"study {cfg.name!r} has no finished trial in {url}; run it first")
+    out = Path(out_dir or cfg.results_dir)
+    out.mkdir(parents=True, exist_ok=True)  # only once there is something to write
     grid = reference_grid(cfg, summaries)
     grid_compute = statistics.mean(grid.compute) if grid else None
 

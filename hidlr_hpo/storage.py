@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["check_storage_url"]
+__all__ = ["check_storage_url", "sqlite_file"]
 
 #: the pip package that provides a DBAPI module SQLAlchemy asks for
 _DRIVER_PACKAGES = {
@@ -58,3 +58,13 @@ def check_storage_url(url: str) -> str:
                 f"storage {url!r}: the folder {str(folder)!r} does not exist; create it or choose another path"
             )
     return url
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite storage URL (None for other databases and in-memory SQLite)."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database).expanduser()

@@ -74,3 +74,11 @@ def test_good_urls_pass_unchanged(tmp_path):
     for url in (f"sqlite:///{tmp_path / 'x.db'}", "sqlite:///relative.db", "sqlite://", "sqlite:///:memory:"):
         assert check_storage_url(url) == url
     assert not (tmp_path / "x.db").exists()  # checked, not created
+
+
+def test_report_on_a_study_never_run_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny.toml").write_text(STUDY)
+    result = CliRunner().invoke(app, ["report", "tiny.toml"])
+    assert result.exit_code == 1 and "there is no database 'hidlr-studies.db'" in " ".join(result.output.split())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.toml"]  # no empty database, folder or mlflow.db
