@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 from typing import Annotated
 
+import torch
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -64,6 +65,10 @@ def demo(
         raise typer.BadParameter(f"probe must be heldout or train, got {probe!r}", param_hint="--probe")
     if not (lr > 0 and math.isfinite(lr)):
         raise typer.BadParameter(f"lr must be positive, got {lr}", param_hint="--lr")
+    try:
+        torch.empty(0, device=device)  # the device exists and this torch build can use it
+    except (RuntimeError, AssertionError) as exc:
+        raise typer.BadParameter(f"cannot use device {device!r} here: {exc}", param_hint="--device") from None
     task = get_task("digits")
     console.print(
         f"[bold]digits[/bold]: {len(task.train)} train / {len(task.val)} val / {len(task.test)} test, "

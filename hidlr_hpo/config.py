@@ -39,6 +39,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 __all__ = ["MethodConfig", "StudyConfig", "describe_method", "load_study_config"]
 
 
+#: study and method names become folder, file and Optuna study names: letters, digits, _ . -, no leading dot
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$", max_length=100)]
+#: a seed seeds torch and NumPy, whose seeds are 32-bit unsigned
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -104,7 +110,7 @@ class HiDLRMethod(_BaseOptimizer):
     """Hi-DLR over the task's groups (``grouping="single"`` makes it GeN; ``preset="gen"`` GeN's defaults)."""
 
     kind: Literal["hidlr"]
-    name: str
+    name: Name
     preset: Literal["hidlr", "gen"] = "hidlr"
     lr: float = 1e-3
     mode: Literal["diag", "full"] = "diag"
@@ -161,7 +167,7 @@ class FixedMethod(_Scheduled):
     """The base optimizer at one fixed learning rate (e.g. AdamW's default 1e-3)."""
 
     kind: Literal["fixed"]
-    name: str
+    name: Name
     lr: float = 1e-3
 
     _lr = field_validator("lr")(_positive_lr)
@@ -171,7 +177,7 @@ class GridMethod(_Scheduled):
     """Grid search over a uniform learning rate with Optuna's GridSampler; selects on final val loss."""
 
     kind: Literal["grid"]
-    name: str
+    name: Name
     lrs: list[float] = Field(min_length=2)
 
     _lrs = field_validator("lrs")(_check_grid)
@@ -181,7 +187,7 @@ class GroupGridMethod(_Scheduled):
     """Grid search over one learning rate per group (the product grid), for tasks with few groups."""
 
     kind: Literal["group-grid"]
-    name: str
+    name: Name
     lrs: list[float] = Field(min_length=2)
     max_configs: int = Field(64, ge=1, description="refuse product grids larger than this")
 
@@ -192,7 +198,7 @@ class TPEMethod(_Scheduled):
     """Optuna's TPESampler over a uniform log learning rate."""
 
     kind: Literal["tpe"]
-    name: str
+    name: Name
     n_trials: int = Field(8, ge=1)
     low: float = 1e-5
     high: float = 1.0
@@ -220,10 +226,10 @@ MethodConfig = Annotated[
 
 
 class StudyConfig(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: Name
     task: TaskConfig
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    seeds: list[Seed] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     storage: str = "sqlite:///hidlr-studies.db"
     results_dir: str = "results"
     methods: list[MethodConfig] = Field(min_length=1)
