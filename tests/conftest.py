@@ -18,3 +18,12 @@ def _float64_and_seed():
 def _mlflow_store_in_tmp(tmp_path, monkeypatch):
     """Studies track to MLflow by default: keep each test's store in its own folder, never the repository's."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
+@pytest.fixture(autouse=True)
+def _cli_does_not_pin_kernels_in_pytest(monkeypatch):
+    """`hidlr run` pins torch's CPU kernels to AVX2 (ATEN_CPU_CAPABILITY) for its own process; a CLI test runs
+    it inside pytest's, where the variable would outlive the test and torch.compile in a later test produced
+    NaN losses under it (seen with torch 2.13 on an AVX-512 CPU). The pinning itself is tested in
+    subprocesses (tests/test_reproducible.py)."""
+    monkeypatch.setattr("hidlr_hpo.cli.pin_cpu_kernels", lambda: None)
