@@ -454,12 +454,14 @@ class HiDLR(torch.optim.Optimizer):
             self._last_applied = applied
             if start is not None:
                 self.next_refit = self.step_count + self.gap  # also if the probes raise (out of memory)
+                gap = 0 if self.last_refit is None else self.step_count - self.last_refit  # 0: the first refit
                 before = self.multipliers
                 scheduled_t = torch.tensor(scheduled, dtype=torch.float64)
                 level = scheduled_t * self.multipliers  # eta0 = lr * m
                 applied_t = torch.tensor(applied, dtype=torch.float64)
-                self._last_applied = self._refit(probe_batch, start, scheduled_t, level, applied_t, factor).tolist()
-                self._adapt_gap(before)
+                refitted = self._refit(probe_batch, start, scheduled_t, level, applied_t, factor, gap)
+                self._last_applied = refitted.tolist()
+                self._adapt_gap(before, gap)
         finally:
             self._set_lrs(scheduled)  # the user's (scheduler's) own values, untouched
             self._grad_sumsq.clear()
@@ -475,8 +477,10 @@ class HiDLR(torch.optim.Optimizer):
         eta0: torch.Tensor,
         applied: torch.Tensor,
         factor: float,
+        gap: int,
     ) -> torch.Tensor:
-        """One refit after the step; returns the rates the (rescaled) step used."""
+        """One refit after the step, ``gap`` steps after the previous one; returns the rates the (rescaled)
+        step used."""
         design = make_design(self.design_spec, self.num_groups, self.mode, self.delta, self._generator)
         probe_seconds = 0.0
         moving = applied > 0  # a group whose rate is 0 now (a scheduler's warm-up from 0) did not move
@@ -498,7 +502,6 @@ class HiDLR(torch.optim.Optimizer):
             return unmoved | unchanged_groups(points, losses)
 
         n_accepted = self.n_refits - self.n_rejected
-        gap = 0 if self.last_refit is None else self.step_count - self.last_refit
         guards = self._guards_after(gap)
         if self.slope == "gradient":
             refit = self._refit_known_slope(start, evaluate, eta0, applied, n_accepted, dead, factor, guards)
@@ -589,9 +592,10 @@ class HiDLR(torch.optim.Optimizer):
             return self.guards
         return replace(self.guards, smoothing=self.guards.smoothing ** (gap / self.interval))
 
-    def _adapt_gap(self, before: torch.Tensor) -> None:
-        """After a refit: record the multipliers' change and set the gap to the next refit."""
-        gap = self.interval if self.last_refit is None else max(self.step_count - self.last_refit, 1)
+    def _adapt_gap(self, before: torch.Tensor, gap: int) -> None:
+        """After a refit ``gap`` steps after the previous one: record the multipliers' change and set the gap
+        to the next refit."""
+        gap = gap or self.interval  # the first refit: its change counts as one interval's
         self.last_refit = self.step_count
         if self.max_interval == self.interval:
             return

@@ -567,12 +567,10 @@ def limit_rates(
     fired = {} if fired is None else fired
     prev = prev.to(torch.float64)
     new = new.to(torch.float64)
-    ratio = new / prev
-    believable = (
-        (ratio >= 1.0 / guards.believable_ratio) & (ratio <= guards.believable_ratio)
-        if guards.believable_ratio is not None
-        else torch.zeros_like(prev, dtype=torch.bool)
-    )
+    believable = None  # proposals near the probed range, taken unsmoothed (before the trust region clips them)
+    if guards.believable_ratio is not None:
+        ratio = new / prev
+        believable = (ratio >= 1.0 / guards.believable_ratio) & (ratio <= guards.believable_ratio)
     if guards.trust_ratio is not None:
         lo, hi = prev / guards.trust_ratio, prev * guards.trust_ratio
         clipped = (new < lo) | (new > hi)
@@ -587,7 +585,7 @@ def limit_rates(
         else:
             smoothed = s * prev + (1.0 - s) * new  # eta <- s * eta_prev + (1 - s) * eta_new
         smoothed = smoothed if guards.smooth_decreases else torch.where(new < prev, new, smoothed)
-        new = torch.where(believable, new, smoothed)  # a proposal near the probed range is taken unsmoothed
+        new = smoothed if believable is None else torch.where(believable, new, smoothed)
     if guards.lr_bounds is not None:
         lo_b, hi_b = guards.lr_bounds
         clipped = (new < lo_b) | (new > hi_b)
