@@ -386,7 +386,7 @@ def _objective(
             run.finish({"compute": trial.user_attrs.get("compute", 0.0)}, state="PRUNED")
             raise
         except BaseException as exc:
-            run.finish({}, failed=True, state="FAIL")
+            run.finish({}, state="FAIL")
             if isinstance(exc, Exception):  # failed in training (an interrupt is not a result)
                 trial.set_user_attr("error", f"{type(exc).__name__}: {str(exc)[:300]}")
             raise

@@ -320,6 +320,6 @@ class TrialRun:
             self.tracker._safe(lambda name=name, figure=figure: client.log_figure(self.run_id, figure, name))
         if state is not None:
             self.tracker._safe(lambda: client.set_tag(self.run_id, "optuna.state", state))
-        status = "FAILED" if failed else "FINISHED"
+        status = "FAILED" if failed or state == "FAIL" else "FINISHED"
         self.tracker._safe(lambda: client.set_terminated(self.run_id, status))
         self.log_seconds += time.perf_counter() - t0
