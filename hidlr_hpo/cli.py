@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import shutil
+import signal
 import subprocess
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -17,8 +21,8 @@ from rich.table import Table
 from .config import StudyConfig, load_study_config
 from .groups import group_names, group_parameters
 from .report import write_report
-from .storage import check_storage_url
-from .study import pin_cpu_kernels, run_study
+from .storage import check_storage_url, storage_file
+from .study import check_budgets, pin_cpu_kernels, run_study
 from .tasks import get_task
 from .tracking import DEFAULT_TRACKING_URI, Tracker, ui_command
 from .training import EpochLog, train
@@ -131,11 +135,15 @@ def _load(path: Path, quick: bool, storage: str | None = None):
     """The study file (and the storage it will use, ``--storage`` or the file's), or one red line and exit 2."""
     try:
         cfg = load_study_config(path)
-        check_storage_url(storage or cfg.storage)
+        url = check_storage_url(storage or cfg.storage)
+        cfg = cfg.quick() if quick else cfg
+        file = storage_file(url)
+        if file is None or file.exists():  # a database that does not exist yet holds nothing to clash with
+            check_budgets(cfg, url)
     except ValueError as exc:
         console.print(f"[red]{escape(str(exc))}[/red]")
         raise typer.Exit(2) from None
-    return cfg.quick() if quick else cfg
+    return cfg
 
 
 @app.command()
@@ -155,6 +163,9 @@ def run(
     """
     pin_cpu_kernels()  # before torch's first CPU operation, which picks the kernels for the process
     cfg = _load(study_file, quick, storage)
+    # SIGTERM (kill, a scheduler's stop, a closed container) stops like Ctrl-C: the running trial is recorded
+    # as FAIL and its MLflow run as FAILED, and a rerun trains it again.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     tracker = run_study(cfg, storage=storage, tracking_uri=tracking_uri, tracking=tracking)
     console.print(
         f"study [bold]{cfg.name}[/bold] done in {storage or cfg.storage}; "
@@ -230,7 +241,33 @@ def ui(
     # MLflow 3 opens on its GenAI pages unless told otherwise; studies are model-training runs.
     url = f"http://127.0.0.1:{port}/#/experiments?workflowType=machine_learning"
     console.print(f"MLflow UI for {command[3]} on {url} (Ctrl-C stops it)")
-    raise typer.Exit(subprocess.call([shutil.which(command[0]) or command[0], *command[1:]]))
+    # The mlflow of this environment (beside its python, even when the environment is not activated).
+    beside = Path(sys.executable).with_name(command[0])
+    executable = str(beside) if beside.exists() else shutil.which(command[0])
+    if executable is None:
+        console.print("[red]the mlflow command is not installed here: pip install 'mlflow>=3'[/red]")
+        raise typer.Exit(2)
+    raise typer.Exit(_serve([executable, *command[1:]]))
+
+
+def _serve(command: list[str]) -> int:
+    """Run the server in its own process group and stop the whole group (mlflow server starts its web
+    workers as children) when this process gets Ctrl-C or SIGTERM, so no server outlives ``hidlr ui``."""
+    server = subprocess.Popen(command, start_new_session=True)
+    stopped = []
+
+    def stop(*_: object) -> None:
+        stopped.append(True)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        code = server.wait()
+    except KeyboardInterrupt:
+        stop()
+        code = server.wait()
+    return 0 if stopped else code  # stopped on request: a clean exit
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -21,9 +21,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import optuna  # noqa: E402
 from optuna.trial import FrozenTrial, TrialState  # noqa: E402
 
+from . import trial_queue  # noqa: E402
 from .config import MethodConfig, StudyConfig, describe_method  # noqa: E402
-from .storage import sqlite_file  # noqa: E402
-from .study import optuna_study_name  # noqa: E402
+from .storage import storage_file  # noqa: E402
+from .study import check_budgets, in_study_file, optuna_study_name  # noqa: E402
 
 __all__ = ["MethodSummary", "collect", "write_report"]
 
@@ -61,21 +62,26 @@ def _config(cfg: StudyConfig, name: str) -> MethodConfig:
 
 
 def collect(cfg: StudyConfig, storage: str | None = None) -> list[MethodSummary]:
+    """Per method, each seed's selected trial and what its trials spent: only trials made under the study
+    file's task, budget and settings (a ValueError names a study run with others), and of those only the
+    file's grid values and a search's first ``n_trials`` steps."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = storage or cfg.storage
+    check_budgets(cfg, storage)
+    storage_obj = trial_queue.open_storage(storage)
     summaries = []
     for method in cfg.methods:
         summary = MethodSummary(method.name, method.kind)
         for seed in cfg.seeds:
             try:
-                study = optuna.load_study(study_name=optuna_study_name(cfg, method, seed), storage=storage)
+                study = optuna.load_study(study_name=optuna_study_name(cfg, method, seed), storage=storage_obj)
             except KeyError:
                 continue  # not run yet
-            done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            # A pruned trial is not selectable, but what it spent up to the pruning counts.
+            spent = in_study_file(method, study.get_trials(deepcopy=False), cfg)
+            done = [t for t in spent if t.state == TrialState.COMPLETE]
             if not done:
                 continue
-            # A pruned trial is not selectable, but what it spent up to the pruning counts.
-            spent = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
             summary.selected.append(min(done, key=lambda t: (t.value, t.number)))
             summary.compute.append(sum(t.user_attrs.get("compute", 0.0) for t in spent))
             summary.wall.append(sum(t.user_attrs.get("wall_seconds", 0.0) for t in spent))
@@ -104,7 +110,7 @@ def _mean_std(values: list[float], digits: int = 4) -> str:
 def write_report(cfg: StudyConfig, out_dir: str | Path | None = None, storage: str | None = None) -> Path:
     """Write ``report.md`` and the plots into ``out_dir`` (default: the study's ``results_dir``)."""
     url = storage or cfg.storage
-    database = sqlite_file(url)
+    database = storage_file(url)
     if database is not None and not database.exists():  # opening it would create an empty one
         raise ValueError(f"study {cfg.name!r}: there is no database {str(database)!r} ({url}); run it first")
     summaries = [s for s in collect(cfg, storage) if s.selected]

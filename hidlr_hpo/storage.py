@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["check_storage_url", "sqlite_file"]
+__all__ = ["JOURNAL_PREFIX", "check_storage_url", "storage_file"]
+
+#: Optuna's JournalFileStorage: ``journal:///path/to/study.log`` (relative) or ``journal:////abs/path.log``
+JOURNAL_PREFIX = "journal:///"
 
 #: the pip package that provides a DBAPI module SQLAlchemy asks for
 _DRIVER_PACKAGES = {
@@ -19,7 +22,7 @@ _DRIVER_PACKAGES = {
     "pymysql": "pymysql",
     "asyncpg": "asyncpg",
 }
-_EXAMPLES = "sqlite:///hidlr-studies.db or postgresql+psycopg://user@host/database"
+_EXAMPLES = "sqlite:///hidlr-studies.db, postgresql+psycopg://user@host/database or journal:///studies.log"
 
 
 def check_storage_url(url: str) -> str:
@@ -32,6 +35,9 @@ def check_storage_url(url: str) -> str:
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
+    if url.startswith(JOURNAL_PREFIX):
+        _check_folder(url, Path(url[len(JOURNAL_PREFIX) :]))
+        return url
     try:
         parsed = make_url(url)
     except ArgumentError:
@@ -52,18 +58,24 @@ def check_storage_url(url: str) -> str:
             f"storage {url!r} needs the database driver {module!r}, which is not installed: pip install '{package}'"
         ) from None
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-        folder = Path(parsed.database).expanduser().parent
-        if not folder.is_dir():
-            raise ValueError(
-                f"storage {url!r}: the folder {str(folder)!r} does not exist; create it or choose another path"
-            )
+        _check_folder(url, Path(parsed.database))
     return url
 
 
-def sqlite_file(url: str) -> Path | None:
-    """The file of a SQLite storage URL (None for other databases and in-memory SQLite)."""
+def _check_folder(url: str, file: Path) -> None:
+    folder = file.expanduser().parent
+    if not folder.is_dir():
+        raise ValueError(
+            f"storage {url!r}: the folder {str(folder)!r} does not exist; create it or choose another path"
+        )
+
+
+def storage_file(url: str) -> Path | None:
+    """The file of a SQLite or journal storage URL (None for other databases and in-memory SQLite)."""
     from sqlalchemy.engine import make_url
 
+    if url.startswith(JOURNAL_PREFIX):
+        return Path(url[len(JOURNAL_PREFIX) :]).expanduser()
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
         return None

@@ -33,12 +33,13 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -48,6 +49,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from . import trial_queue
 from .baselines.gen import GEN_DEFAULTS
 from .config import (
     FixedMethod,
@@ -84,12 +86,24 @@ def optuna_study_name(cfg: StudyConfig, method: MethodConfig, seed: int) -> str:
 
 @dataclass
 class _Plan:
+    """One (method, seed) Optuna study and what it still needs: its configurations, or its search's steps."""
+
     method: MethodConfig
     seed: int
     study: optuna.Study
-    missing: int  # trials still to run
-    enqueue: list[dict[str, float]]  # grid points without a finished trial
-    search: optuna.Study | None = None  # tpe: the in-memory search that proposes the next trial's rate
+    configs: list[dict[str, float]]  # grid points, or one empty configuration (a single run); none for searches
+    failed_here: set[str] = field(default_factory=set)  # keys that failed in training in this run: not retried
+
+    def remaining(self) -> int:
+        """Trials still to run (an estimate for the progress bar while other workers share the study)."""
+        trials = self.study.get_trials(deepcopy=False)
+        if isinstance(self.method, SearchMethod):
+            return max(0, self.method.n_trials - len(_search_steps(trials)))
+        done = {trial_queue.key_of(t) for t in trials if t.state in _DONE} | self.failed_here
+        return sum(trial_queue.queue_key(c) not in done for c in self.configs)
+
+
+_DONE = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 def run_study(
@@ -139,10 +153,11 @@ def method_summary_metrics(cfg: StudyConfig, storage: str | None = None) -> dict
 
 
 def _run_plans(cfg: StudyConfig, storage: str, show_progress: bool, tracker: Tracker) -> None:
+    """Claim and run trials until none is left to claim; several workers may run this on one storage."""
     task = get_task(cfg.task.name, **cfg.task.options)
     n_groups = len(group_parameters(task.make_model(0), task.grouping))
+    check_budgets(cfg, storage)  # before anything is written: a changed budget never reuses trials
     plans = [_plan(cfg, method, seed, storage, n_groups) for method in cfg.methods for seed in cfg.seeds]
-    total = sum(p.missing for p in plans)
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -152,27 +167,92 @@ def _run_plans(cfg: StudyConfig, storage: str, show_progress: bool, tracker: Tra
         TimeRemainingColumn(),  # from the trials done so far; searches and grids differ, so a rough guide
     )
     with Progress(*columns, disable=not show_progress) as progress:
-        bar = progress.add_task(f"{cfg.name}: trials", total=total)
+        bar = progress.add_task(f"{cfg.name}: trials", total=sum(p.remaining() for p in plans))
         for plan in plans:
-            if plan.missing == 0:
-                continue
             progress.update(bar, description=f"{cfg.name}: {plan.method.name} seed {plan.seed}")
-            for params in plan.enqueue:
-                plan.study.enqueue_trial(params)
             objective = _objective(cfg, task, plan.method, plan.seed, n_groups, tracker)
-            callbacks = [lambda s, t: progress.advance(bar)]
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", category=UserWarning)
-                if plan.search is None:
-                    plan.study.optimize(objective, n_trials=plan.missing, callbacks=callbacks)
-                    continue
-                for _ in range(plan.missing):  # the search proposes, the stored study runs and records
-                    proposal = plan.search.ask(_tpe_space(plan.method))  # type: ignore[arg-type]
-                    plan.study.enqueue_trial(proposal.params)
-                    # A trial that raises is recorded as failed and the search moves on (a resume replays it
-                    # as failed too), instead of proposing the same failing rate again forever.
-                    plan.study.optimize(objective, n_trials=1, callbacks=callbacks, catch=(Exception,))
-                    _tell(plan.search, proposal, plan.study.get_trials(deepcopy=False)[-1])
+            while (trial := _next_trial(plan, tracker)) is not None:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", category=UserWarning)
+                    ended = trial_queue.run_claimed(plan.study, trial, objective)
+                if ended.state == TrialState.FAIL:
+                    plan.failed_here.add(trial_queue.key_of(ended))
+                    progress.console.print(
+                        f"[yellow]{escape(plan.study.study_name)} trial {ended.number} failed: "
+                        f"{escape(str(ended.user_attrs.get('error', '?')))}[/yellow]"
+                    )
+                progress.advance(bar)
+    left = sum(p.remaining() for p in plans)
+    if left:
+        print(f"{left} trial(s) are running in other workers; `hidlr report` once they are done")
+
+
+def _next_trial(plan: _Plan, tracker: Tracker) -> optuna.Trial | None:
+    """Claim the plan's next trial, or None when it has nothing this worker can run.
+
+    Trials of dead workers are failed first (their MLflow runs closed as FAILED) so that their
+    configurations run again. A configuration is enqueued when no trial holds it; a search enqueues its
+    next proposal when no other worker is running one of its trials (a search's steps are sequential).
+    """
+    study = plan.study
+    while True:
+        for trial in trial_queue.fail_stale(study):
+            tracker.close_trial_run(study.study_name, trial.number)
+        trials = study.get_trials(deepcopy=False)
+        method = plan.method
+        if isinstance(method, SearchMethod):
+            steps = _search_steps(trials)
+            if len(steps) >= method.n_trials or any(t.state == TrialState.RUNNING for t in trials):
+                return None
+            key = f"step {len(steps)}"
+            if not any(t.state == TrialState.WAITING and trial_queue.key_of(t) == key for t in trials):
+                proposal = _tpe_search(method, plan.seed, steps).ask(_tpe_space(method))
+                trial_queue.enqueue(study, proposal.params, key)
+            counts = _is_search_step
+        else:
+            live = (*_DONE, TrialState.RUNNING, TrialState.WAITING)
+            held = {trial_queue.key_of(t) for t in trials if t.state in live}
+            for config in plan.configs:
+                key = trial_queue.queue_key(config)
+                if key not in held and key not in plan.failed_here:
+                    trial_queue.enqueue(study, config, key)
+            counts = _is_done
+        claimed = trial_queue.claim(study)
+        if claimed is None:
+            return None
+        if not trial_queue.is_duplicate(study, claimed, counts):
+            return claimed
+        # Two workers enqueued the same configuration at once: the lower-numbered trial is its trial.
+        claimed.set_user_attr("duplicate", True)
+        study.tell(claimed, state=TrialState.FAIL)
+
+
+def in_study_file(method: MethodConfig, trials: list[FrozenTrial], cfg: StudyConfig) -> list[FrozenTrial]:
+    """The complete and pruned trials that the study file asks for: a grid's trials at its current values,
+    a search's first ``n_trials`` steps (a study run longer before, or with more values, keeps the rest)."""
+    if isinstance(method, SearchMethod):
+        steps = _search_steps(trials)[: method.n_trials]
+        return [t for t in steps if t.state in _DONE]
+    done = [t for t in trials if t.state in _DONE]
+    if isinstance(method, GridMethod | GroupGridMethod):
+        task = get_task(cfg.task.name, **cfg.task.options)
+        n_groups = len(group_parameters(task.make_model(0), task.grouping))
+        wanted = {trial_queue.queue_key(p) for p in _grid_points(method, n_groups)}
+        done = [t for t in done if trial_queue.queue_key(t.params) in wanted]
+    return done
+
+
+def _is_done(trial: FrozenTrial) -> bool:
+    return trial.state in _DONE
+
+
+def _is_search_step(trial: FrozenTrial) -> bool:
+    """A finished step of a search: complete, pruned, or failed in training (an interrupted one is retried)."""
+    return trial.state in _DONE or (trial.state == TrialState.FAIL and "error" in trial.user_attrs)
+
+
+def _search_steps(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    return sorted((t for t in trials if _is_search_step(t)), key=lambda t: t.number)
 
 
 def pin_cpu_kernels() -> None:
@@ -202,13 +282,14 @@ def _plan(cfg: StudyConfig, method: MethodConfig, seed: int, storage: str, n_gro
     sampler = _sampler(method, seed, n_groups)
     study = optuna.create_study(
         study_name=optuna_study_name(cfg, method, seed),
-        storage=storage,
+        storage=trial_queue.open_storage(storage),
         sampler=sampler,
         pruner=_pruner(method, cfg.budget.epochs),
         direction="minimize",
         load_if_exists=True,
     )
-    for key, value in {
+    attrs = {
+        "fingerprint": fingerprint(cfg, method),  # first: a worker starting now checks it (check_budgets)
         "study": cfg.name,
         "task": cfg.task.name,
         "method": method.name,
@@ -216,24 +297,74 @@ def _plan(cfg: StudyConfig, method: MethodConfig, seed: int, storage: str, n_gro
         "seed": seed,
         "config": method.model_dump(),
         "epochs": cfg.budget.epochs,
-    }.items():
-        study.set_user_attr(key, value)
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
-        # Left running or enqueued by an interrupted run (one runner per study is assumed): run it again, as
-        # planned below; a stale enqueued trial would otherwise be run in place of the one planned.
-        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
-    if isinstance(method, SearchMethod):  # a trial that failed in training is a finished search step too
-        failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-        done = sorted(done + [t for t in failed if "error" in t.user_attrs], key=lambda t: t.number)
+    }
+    for key, value in attrs.items():
+        if study.user_attrs.get(key) != value:
+            study.set_user_attr(key, value)
     if isinstance(method, GridMethod | GroupGridMethod):
-        grid = _grid_points(method, n_groups)
-        finished = {tuple(sorted(t.params.items())) for t in done}
-        todo = [p for p in grid if tuple(sorted(p.items())) not in finished]
-        return _Plan(method, seed, study, len(todo), todo)
+        return _Plan(method, seed, study, _grid_points(method, n_groups))
     if isinstance(method, SearchMethod):
-        return _Plan(method, seed, study, max(0, method.n_trials - len(done)), [], _tpe_search(method, seed, done))
-    return _Plan(method, seed, study, max(0, 1 - len(done)), [])
+        return _Plan(method, seed, study, [])
+    return _Plan(method, seed, study, [{}])
+
+
+#: settings that say how many configurations to try, not what one trial means: a grid may grow (only the new
+#: values train) or a search run longer; the report takes the file's values and the first n_trials steps
+_EXTENT = ("lrs", "n_trials", "max_configs")
+
+
+def fingerprint(cfg: StudyConfig, method: MethodConfig) -> dict[str, Any]:
+    """What a (method, seed) study's trials mean: the task, the budget and the method's settings. Trials
+    made under another fingerprint are never reused or reported with these."""
+    return {
+        "task": cfg.task.model_dump(mode="json"),
+        "budget": cfg.budget.model_dump(mode="json"),
+        "method": {k: v for k, v in method.model_dump(mode="json").items() if k not in _EXTENT},
+    }
+
+
+def check_budgets(cfg: StudyConfig, storage: str) -> None:
+    """Raise a ValueError naming the first Optuna study of ``cfg`` that the storage already holds with trials
+    made under another task, budget or method setting (a ``--quick`` run has its own names)."""
+    existing = {s.study_name: s for s in trial_queue.open_storage(storage).get_all_studies()}
+    for method in cfg.methods:
+        want = fingerprint(cfg, method)
+        for seed in cfg.seeds:
+            found = existing.get(optuna_study_name(cfg, method, seed))
+            if found is None:
+                continue
+            have = found.user_attrs.get("fingerprint")
+            if have is None and "config" in found.user_attrs:  # made before fingerprints: settings and epochs
+                config = found.user_attrs["config"]
+                have = {
+                    **want,
+                    "method": {k: v for k, v in config.items() if k not in _EXTENT},
+                    "budget": {**want["budget"], "epochs": found.user_attrs.get("epochs")},
+                }
+            if have is None:
+                continue  # another worker is creating it this moment
+            if have != want:
+                changed = _changes(have, want)
+                raise ValueError(
+                    f"the storage {storage} already holds {found.study_name!r} run with other settings "
+                    f"({changed}); its trials cannot be mixed with these. Give the study a new name, use "
+                    f"another --storage, or delete it: optuna delete-study --study-name '{found.study_name}' "
+                    f"--storage {storage}"
+                )
+
+
+def _changes(have: dict[str, Any], want: dict[str, Any], prefix: str = "") -> str:
+    """The first differences of two nested dicts, as 'budget.epochs 2 -> 30'."""
+    diffs = []
+    for key in sorted(set(have) | set(want)):
+        a, b = have.get(key), want.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            inner = _changes(a, b, f"{prefix}{key}.")
+            if inner:
+                diffs.append(inner)
+        elif a != b:
+            diffs.append(f"{prefix}{key} {a!r} -> {b!r}")
+    return "; ".join(diffs[:3])
 
 
 def _pruner(method: MethodConfig, epochs: int) -> optuna.pruners.BasePruner:
@@ -368,6 +499,8 @@ def _objective(
                 "batch_size": budget.batch_size,
             },
         )
+        if run.run_id is not None:  # so that a resume can close the run of a trial whose worker died
+            trial.set_user_attr("mlflow_run_id", run.run_id)
         if run.active and "hidlr" in kwargs:
             kwargs["hidlr"] = {**kwargs["hidlr"], "measure_realised": True}  # diagnostic only: same trajectory
         pruned = getattr(method, "pruner", "none") != "none"

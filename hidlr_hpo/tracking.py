@@ -182,6 +182,26 @@ class Tracker:
         if self.parent_id is not None:
             self._safe(lambda: self.client.log_artifacts(self.parent_id, str(report_dir), "report"))
 
+    def close_trial_run(self, study: str, trial: int) -> None:
+        """Mark FAILED the child run of a trial whose worker died (killed, crashed), found by its Optuna tags
+        (the worker may have died before the trial recorded the run's id): it would stay RUNNING."""
+        if self.experiment_id is None or self.client is None:
+            return
+
+        def close() -> None:
+            runs = self.client.search_runs(
+                [self.experiment_id],
+                filter_string=(
+                    f"tags.`optuna.study_name` = '{study}' and tags.`optuna.trial_number` = '{trial}' "
+                    "and attributes.status = 'RUNNING'"
+                ),
+            )
+            for run in runs:
+                self.client.set_tag(run.info.run_id, "optuna.state", "FAIL")
+                self.client.set_terminated(run.info.run_id, "FAILED")
+
+        self._safe(close)
+
     # -- trial (child run) ----------------------------------------------------------------------------
     def start_trial(
         self,

@@ -27,3 +27,15 @@ def _cli_does_not_pin_kernels_in_pytest(monkeypatch):
     NaN losses under it (seen with torch 2.13 on an AVX-512 CPU). The pinning itself is tested in
     subprocesses (tests/test_reproducible.py)."""
     monkeypatch.setattr("hidlr_hpo.cli.pin_cpu_kernels", lambda: None)
+
+
+def leave_running_as_killed(study):
+    """A trial left RUNNING by a worker of this machine that was killed (its process no longer exists)."""
+    import socket
+    import subprocess
+    import sys
+
+    trial = study.ask()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    trial.set_user_attr("owner", f"{socket.gethostname()}:{int(dead.stdout)}")
+    return trial

@@ -11,6 +11,7 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
+from conftest import leave_running_as_killed
 from optuna.trial import TrialState
 
 from hidlr_hpo import study as study_module
@@ -92,7 +93,7 @@ def test_a_resumed_tpe_search_draws_what_an_uninterrupted_one_draws(tmp_path):
     resumed = config(tmp_path, "resumed", [{**tpe[0], "n_trials": 2}], [0])
     run_study(resumed, show_progress=False, tracking=False)  # stopped after two trials ...
     study = optuna.load_study(study_name=optuna_study_name(resumed, resumed.methods[0], 0), storage=resumed.storage)
-    study.ask()  # ... with a third left RUNNING by the interruption
+    leave_running_as_killed(study)  # ... with a third left RUNNING by the killed worker
     resumed = config(tmp_path, "resumed", tpe, [0])
     run_study(resumed, show_progress=False, tracking=False)
 
