@@ -175,9 +175,13 @@ def test_sigterm_stops_like_ctrl_c(tmp_path):
     assert not [r for r in runs if r.info.status == "RUNNING"]
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "journal"])
-def test_two_workers_share_one_study(tmp_path, kind):
-    storage = f"sqlite:///{tmp_path / 'studies.db'}" if kind == "sqlite" else f"journal:///{tmp_path / 'j.log'}"
+@pytest.mark.parametrize("kind", ["sqlite", "journal", "postgresql"])
+def test_two_workers_share_one_study(tmp_path, kind, request):
+    storage = {
+        "sqlite": lambda: f"sqlite:///{tmp_path / 'studies.db'}",
+        "journal": lambda: f"journal:///{tmp_path / 'j.log'}",
+        "postgresql": lambda: request.getfixturevalue("postgres_url"),  # a real server, or skipped
+    }[kind]()
     path = _write(tmp_path, storage, epochs=3)
     workers = [_hidlr(path), _hidlr(path)]
     outputs = [w.communicate(timeout=300)[0] for w in workers]
