@@ -22,7 +22,7 @@ from .config import StudyConfig, load_study_config
 from .groups import group_names, group_parameters
 from .report import write_report
 from .storage import check_storage_url, storage_file
-from .study import check_budgets, pin_cpu_kernels, run_study
+from .study import check_budgets, check_study, pin_cpu_kernels, run_study
 from .tasks import get_task
 from .tracking import DEFAULT_TRACKING_URI, Tracker, ui_command
 from .training import EpochLog, train
@@ -131,13 +131,16 @@ TrackingUriOption = Annotated[
 TrackingOption = Annotated[bool, typer.Option(help="log to MLflow (parent run per study, child run per trial)")]
 
 
-def _load(path: Path, quick: bool, storage: str | None = None):
-    """The study file (and the storage it will use, ``--storage`` or the file's), or one red line and exit 2."""
+def _load(path: Path, quick: bool, storage: str | None = None, build: bool = False):
+    """The study file (and the storage it will use, ``--storage`` or the file's), or one red line and exit 2.
+    ``build``: also build every method's task, groups, optimizer and HiDLR (what ``run`` will train)."""
     try:
         cfg = load_study_config(path)
         url = check_storage_url(storage or cfg.storage)
         cfg = cfg.quick() if quick else cfg
         file = storage_file(url)
+        if build:
+            check_study(cfg)
         if file is None or file.exists():  # a database that does not exist yet holds nothing to clash with
             check_budgets(cfg, url)
     except ValueError as exc:
@@ -162,7 +165,7 @@ def run(
     are the study's own.
     """
     pin_cpu_kernels()  # before torch's first CPU operation, which picks the kernels for the process
-    cfg = _load(study_file, quick, storage)
+    cfg = _load(study_file, quick, storage, build=True)
     # SIGTERM (kill, a scheduler's stop, a closed container) stops like Ctrl-C: the running trial is recorded
     # as FAIL and its MLflow run as FAILED, and a rerun trains it again.
     signal.signal(signal.SIGTERM, signal.default_int_handler)

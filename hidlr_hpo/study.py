@@ -52,7 +52,6 @@ from rich.progress import (
 from . import trial_queue
 from .baselines.gen import GEN_DEFAULTS
 from .config import (
-    FixedMethod,
     GridMethod,
     GroupGridMethod,
     HiDLRMethod,
@@ -66,7 +65,7 @@ from .plots import plt, trial_figures
 from .storage import check_storage_url
 from .tasks import Task, get_task
 from .tracking import Tracker
-from .training import EpochLog, TrainResult, train
+from .training import EpochLog, TrainResult, prepare, train
 
 __all__ = ["TRIAL_THREADS", "optuna_study_name", "pin_cpu_kernels", "run_study"]
 
@@ -154,7 +153,7 @@ def method_summary_metrics(cfg: StudyConfig, storage: str | None = None) -> dict
 
 def _run_plans(cfg: StudyConfig, storage: str, show_progress: bool, tracker: Tracker) -> None:
     """Claim and run trials until none is left to claim; several workers may run this on one storage."""
-    task = get_task(cfg.task.name, **cfg.task.options)
+    task = check_study(cfg)  # a bad option fails here, before any trial
     n_groups = len(group_parameters(task.make_model(0), task.grouping))
     check_budgets(cfg, storage)  # before anything is written: a changed budget never reuses trials
     plans = [_plan(cfg, method, seed, storage, n_groups) for method in cfg.methods for seed in cfg.seeds]
@@ -462,27 +461,16 @@ def _objective(
     budget = cfg.budget
 
     def objective(trial: optuna.Trial) -> float:
-        kwargs: dict[str, Any] = {"epochs": budget.epochs, "batch_size": budget.batch_size, "seed": seed}
-        if isinstance(method, GridMethod):
-            kwargs["lr"] = trial.suggest_float("lr", min(method.lrs), max(method.lrs), log=True)
+        lr: float | list[float] | None = None
+        if isinstance(method, GridMethod | SearchMethod):
+            low, high = (
+                (min(method.lrs), max(method.lrs)) if isinstance(method, GridMethod) else (method.low, method.high)
+            )
+            lr = trial.suggest_float("lr", low, high, log=True)
         elif isinstance(method, GroupGridMethod):
             lo, hi = min(method.lrs), max(method.lrs)
-            kwargs["lr"] = [trial.suggest_float(f"lr{k}", lo, hi, log=True) for k in range(n_groups)]
-        elif isinstance(method, SearchMethod):
-            kwargs["lr"] = trial.suggest_float("lr", method.low, method.high, log=True)
-        elif isinstance(method, FixedMethod):
-            kwargs["lr"] = method.lr
-        if isinstance(method, HiDLRMethod):
-            kwargs.setdefault("lr", method.lr)  # a search's trials start from the rate it proposes
-            kwargs.update(probe=method.probe, grouping=method.grouping, hidlr=hidlr_kwargs(method))
-            kwargs.update(optimizer=method.optimizer, optimizer_options=method.optimizer_options)
-        else:
-            kwargs.update(
-                optimizer=method.optimizer,
-                optimizer_options=method.optimizer_options,
-                schedule=method.schedule,
-                warmup=method.warmup,
-            )
+            lr = [trial.suggest_float(f"lr{k}", lo, hi, log=True) for k in range(n_groups)]
+        kwargs = train_kwargs(cfg, method, seed, lr)
         _record_numerics(trial)
         run = tracker.start_trial(
             method=method.name,
@@ -534,6 +522,58 @@ def _objective(
         return value if math.isfinite(value) else math.inf  # a diverged run is a bad result, not a failure
 
     return objective
+
+
+def train_kwargs(
+    cfg: StudyConfig, method: MethodConfig, seed: int, lr: float | list[float] | None = None
+) -> dict[str, Any]:
+    """The keyword arguments of :func:`~hidlr_hpo.training.train` for one trial of ``method``; ``lr``: the
+    rate(s) the trial sampled (a grid value, a search's proposal), else the method's own."""
+    budget = cfg.budget
+    kwargs: dict[str, Any] = {"epochs": budget.epochs, "batch_size": budget.batch_size, "seed": seed}
+    kwargs["lr"] = lr if lr is not None else getattr(method, "lr", None)
+    kwargs.update(optimizer=method.optimizer, optimizer_options=method.optimizer_options)
+    if isinstance(method, HiDLRMethod):
+        kwargs.update(probe=method.probe, grouping=method.grouping, hidlr=hidlr_kwargs(method))
+    else:
+        kwargs.update(schedule=method.schedule, warmup=method.warmup)
+    return kwargs
+
+
+def check_study(cfg: StudyConfig) -> Task:
+    """Build, without training, what the trials of ``cfg`` build: the task, and per method its parameter
+    groups, optimizer, schedule and HiDLR. A bad task name or option, grouping, optimizer option or Hi-DLR
+    option is then one ValueError naming the method, before any trial runs or anything is written.
+    Returns the task."""
+    try:
+        task = get_task(cfg.task.name, **cfg.task.options)
+        model = task.make_model(0)
+        task_groups = len(group_parameters(model, task.grouping))
+    except (KeyError, TypeError, ValueError, ImportError) as exc:
+        options = f" with options {cfg.task.options}" if cfg.task.options else ""
+        raise ValueError(f"task {cfg.task.name!r}{options}: {_reason(exc)}") from None
+    for i, method in enumerate(cfg.methods):
+        try:
+            grouping = getattr(method, "grouping", None)
+            n_groups = len(group_parameters(model, grouping)) if grouping else task_groups
+            lr: float | list[float] | None = None
+            if isinstance(method, GridMethod):
+                lr = min(method.lrs)
+            elif isinstance(method, GroupGridMethod):
+                lr = [min(method.lrs)] * n_groups
+            elif isinstance(method, SearchMethod):
+                lr = method.low
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                prepare(task, **train_kwargs(cfg, method, 0, lr))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"methods.{i} ({method.name}): {_reason(exc)}") from None
+    return task
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    return text.replace(".__init__()", "").replace("__init__()", "").strip()
 
 
 def hidlr_kwargs(method: HiDLRMethod) -> dict[str, Any]:

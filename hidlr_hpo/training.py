@@ -82,7 +82,21 @@ def evaluate(model: nn.Module, task: Task, split: Split, batch_size: int = 1024)
     return total / n, (correct / n if task.classification else float("nan"))
 
 
-def train(
+@dataclass
+class Prepared:
+    """What a training run is built from, before its first step."""
+
+    task: Task
+    model: nn.Module
+    names: list[str]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    controller: HiDLR | None
+    gen: torch.Generator
+    probe_gen: torch.Generator
+
+
+def prepare(
     task: Task,
     *,
     lr: float | Sequence[float],
@@ -95,30 +109,11 @@ def train(
     warmup: float = 0.0,
     hidlr: dict[str, Any] | None = None,
     probe: ProbeSource = "heldout",
-    on_epoch: Callable[[EpochLog], None] | None = None,
-    on_refit: Callable[[RefitRecord, float, list[str]], None] | None = None,
     device: str | torch.device = "cpu",
     grouping: str | None = None,
-) -> TrainResult:
-    """Train ``task.make_model(seed)`` with ``optimizer`` over the task's groups.
-
-    Args:
-        lr: the starting learning rate of every group, or one per group (in the grouping's order).
-        optimizer: a name from :data:`~hidlr_hpo.baselines.OPTIMIZERS` ("adamw", "adamw-sage", "prodigy", ...)
-            or a factory ``fn(param_groups, lr=...)``; ``optimizer_options`` are its other keyword arguments.
-        schedule: "constant", "linear" or "cosine" (multiplies the rates), after a linear warm-up over the
-            fraction ``warmup`` of the steps. With ``hidlr`` the schedule gives the shape over time and Hi-DLR
-            fits a multiplier per group on top of it.
-        hidlr: keyword arguments of :class:`HiDLR` to tune the rates online; None trains at fixed ``lr``.
-            ``horizon=True`` is replaced by the planned number of steps, ``horizon=False`` by None.
-        probe: the probe batch: ``"train"`` (the batch just trained on) or ``"heldout"`` (a random
-            validation batch of the same size, so the fitted objective is a validation loss).
-        on_epoch: called after every epoch with its log (progress display, tracking).
-        on_refit: called after every Hi-DLR refit with its record, the compute spent so far and the group names.
-        device: where the model, the data and the probes live ("cpu", "cuda"); the same code path.
-        grouping: overrides the task's grouping strategy (``"single"``: one group, GeN).
-    """
-    start = time.perf_counter()
+) -> Prepared:
+    """Build the model, its groups, the optimizer, the schedule and the HiDLR of a :func:`train` run, without
+    training: a bad option raises here (``hidlr run`` calls it for every method before any trial)."""
     task = task.to(device)
     model = task.make_model(seed).to(device)
     model.train()
@@ -169,6 +164,63 @@ def train(
         # The loop draws each probe batch itself (a held-out one, or the batch just trained on) when one is due.
         controller = HiDLR(opt, model, task.loss_fn, probes=None, **kwargs)
 
+    return Prepared(task, model, names, opt, scheduler, controller, gen, probe_gen)
+
+
+def train(
+    task: Task,
+    *,
+    lr: float | Sequence[float],
+    epochs: int,
+    batch_size: int = 64,
+    seed: int = 0,
+    optimizer: str | Callable[..., torch.optim.Optimizer] = "adamw",
+    optimizer_options: dict[str, Any] | None = None,
+    schedule: str = "constant",
+    warmup: float = 0.0,
+    hidlr: dict[str, Any] | None = None,
+    probe: ProbeSource = "heldout",
+    on_epoch: Callable[[EpochLog], None] | None = None,
+    on_refit: Callable[[RefitRecord, float, list[str]], None] | None = None,
+    device: str | torch.device = "cpu",
+    grouping: str | None = None,
+) -> TrainResult:
+    """Train ``task.make_model(seed)`` with ``optimizer`` over the task's groups.
+
+    Args:
+        lr: the starting learning rate of every group, or one per group (in the grouping's order).
+        optimizer: a name from :data:`~hidlr_hpo.baselines.OPTIMIZERS` ("adamw", "adamw-sage", "prodigy", ...)
+            or a factory ``fn(param_groups, lr=...)``; ``optimizer_options`` are its other keyword arguments.
+        schedule: "constant", "linear" or "cosine" (multiplies the rates), after a linear warm-up over the
+            fraction ``warmup`` of the steps. With ``hidlr`` the schedule gives the shape over time and Hi-DLR
+            fits a multiplier per group on top of it.
+        hidlr: keyword arguments of :class:`HiDLR` to tune the rates online; None trains at fixed ``lr``.
+            ``horizon=True`` is replaced by the planned number of steps, ``horizon=False`` by None.
+        probe: the probe batch: ``"train"`` (the batch just trained on) or ``"heldout"`` (a random
+            validation batch of the same size, so the fitted objective is a validation loss).
+        on_epoch: called after every epoch with its log (progress display, tracking).
+        on_refit: called after every Hi-DLR refit with its record, the compute spent so far and the group names.
+        device: where the model, the data and the probes live ("cpu", "cuda"); the same code path.
+        grouping: overrides the task's grouping strategy (``"single"``: one group, GeN).
+    """
+    start = time.perf_counter()
+    run = prepare(
+        task,
+        lr=lr,
+        epochs=epochs,
+        batch_size=batch_size,
+        seed=seed,
+        optimizer=optimizer,
+        optimizer_options=optimizer_options,
+        schedule=schedule,
+        warmup=warmup,
+        hidlr=hidlr,
+        probe=probe,
+        device=device,
+        grouping=grouping,
+    )
+    task, model, opt, scheduler, controller = run.task, run.model, run.optimizer, run.scheduler, run.controller
+    names, gen, probe_gen = run.names, run.gen, run.probe_gen
     result = TrainResult(hidlr=controller)
     examples_trained = 0
     probe_examples = 0

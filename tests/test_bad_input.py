@@ -43,3 +43,49 @@ def test_bad_names_and_seeds_are_refused_when_the_file_is_loaded(tmp_path, monke
 def test_demo_on_a_device_this_torch_cannot_use_is_a_usage_error():
     result = CliRunner().invoke(app, ["demo", "--device", "cuda", "--epochs", "1"])
     assert result.exit_code == 2 and "cannot use device 'cuda' here" in " ".join(result.output.split())
+
+
+METHOD = """
+name = "bad"
+seeds = [0]
+[task]
+name = "{task}"
+{task_options}
+[[methods]]
+name = "grid"
+kind = "grid"
+lrs = [1e-3, 1e-2]
+[[methods]]
+name = "m"
+{method}
+"""
+HIDLR = 'kind = "hidlr"\n'
+FIXED = 'kind = "fixed"\n'
+SAGE = 'kind = "grid"\nlrs = [1e-3, 1e-2]\noptimizer = "adamw-sage"\n'
+
+
+@pytest.mark.parametrize(
+    "task, task_options, method, message",
+    [
+        ("digitz", "", FIXED, "unknown task 'digitz'"),
+        ("digits", "options = { hidden = 3 }", FIXED, "task 'digits' with options {'hidden': 3}: "),
+        ("digits", "", HIDLR + "options = { bogus = 1 }", "methods.1 (m): HiDLR got an unexpected keyword argument"),
+        ("digits", "", HIDLR + "options = { delta = -1 }", "methods.1 (m): delta must be a positive finite number"),
+        ("digits", "", HIDLR + "options = { lr_bounds = [1.0, 0.1] }", "methods.1 (m): lr_bounds must be"),
+        ("digits", "", HIDLR + "options = { min_r2 = 2 }", "methods.1 (m): min_r2 must be <= 1 or None, got 2"),
+        ("digits", "", HIDLR + 'grouping = "bogus"', "methods.1 (m): unknown grouping strategy 'bogus'"),
+        ("digits", "", FIXED + "optimizer_options = { betas = 3 }", "methods.1 (m): "),
+        ("digits", "", FIXED + "optimizer_options = { bogus = 3 }", "methods.1 (m): "),
+        ("digits", "", SAGE + 'optimizer_options = { plain_groups = ["No"] }', "methods.1 (m): plain_groups names"),
+    ],
+)  # fmt: skip
+def test_bad_task_and_method_options_are_refused_before_anything_runs(
+    tmp_path, monkeypatch, task, task_options, method, message
+):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "s.toml").write_text(METHOD.format(task=task, task_options=task_options, method=method))
+    result = CliRunner().invoke(app, ["run", "s.toml"])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 2 and message in output, output
+    assert "Traceback" not in output and len(result.output.strip().splitlines()) <= 4, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.toml"]  # no database, no mlflow.db, no results
