@@ -490,7 +490,7 @@ class HiDLR(torch.optim.Optimizer):
             t0 = time.perf_counter()
             # Probe point x (multipliers of eta0) is w(t) + (x_k eta0_k / applied_k) u_k.
             coeffs = points * torch.where(moving, eta0 / applied.clamp_min(1e-300), torch.zeros_like(eta0))
-            losses = self.prober.losses(batch, start, coeffs)
+            losses = mean_over_ranks(self.prober.losses(batch, start, coeffs))
             probe_seconds += time.perf_counter() - t0
             self.probe_forwards += points.shape[0]
             return losses
@@ -947,3 +947,19 @@ def _float_vector(value: Any, k: int, name: str, positive: bool) -> torch.Tensor
             f"state_dict[{name!r}] must be {k} finite numbers {'> 0' if positive else '>= 0'}, got {value!r}"
         )
     return vector
+
+
+def mean_over_ranks(losses: torch.Tensor) -> torch.Tensor:
+    """Under ``torch.distributed`` (DDP), the mean of the probe losses over the ranks, each rank having probed
+    its own shard: the fit then sees the loss of the union of the shards, and every rank, fitting the same
+    numbers with the same code, applies the same rates. Without a process group, ``losses`` unchanged."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return losses
+    # NCCL reduces CUDA tensors only; gloo CPU ones.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    total = losses.to(device)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return (total / dist.get_world_size()).cpu()
+
