@@ -22,7 +22,7 @@ from .config import StudyConfig, load_study_config
 from .groups import group_names, group_parameters
 from .report import write_report
 from .storage import check_storage_url, storage_file
-from .study import check_budgets, check_study, pin_cpu_kernels, run_study
+from .study import check_budgets, check_study, finish_study, pin_cpu_kernels, run_study
 from .tasks import get_task
 from .tracking import DEFAULT_TRACKING_URI, Tracker, ui_command
 from .training import EpochLog, train
@@ -158,21 +158,67 @@ def run(
     ] = False,
     tracking_uri: TrackingUriOption = None,
     tracking: TrackingOption = True,
+    workers: Annotated[
+        int, typer.Option(min=1, help="worker processes sharing the study's trials (each trial uses 2 threads)")
+    ] = 1,
+    progress: Annotated[bool, typer.Option(help="progress bar and a table after each seed")] = True,
+    helper: Annotated[bool, typer.Option(hidden=True, help="a helper worker started by --workers")] = False,
 ) -> None:
     """Run a comparison study (a rerun resumes; finished trials are not repeated).
 
-    Trials run with a fixed torch thread count (and AVX2 CPU kernels on x86) on any machine, so the numbers
-    are the study's own.
+    Seeds run one after the other, with the results table after each. Trials run with a fixed torch thread
+    count (and AVX2 CPU kernels on x86) on any machine, so the numbers are the study's own; several workers
+    (``--workers``, or ``hidlr run`` started again elsewhere on the same storage) share the trials.
     """
     pin_cpu_kernels()  # before torch's first CPU operation, which picks the kernels for the process
     cfg = _load(study_file, quick, storage, build=True)
+    url = storage or cfg.storage
     # SIGTERM (kill, a scheduler's stop, a closed container) stops like Ctrl-C: the running trial is recorded
     # as FAIL and its MLflow run as FAILED, and a rerun trains it again.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    tracker = run_study(cfg, storage=storage, tracking_uri=tracking_uri, tracking=tracking)
+    helpers: list[subprocess.Popen] = []
+
+    def start_helpers() -> None:
+        command = [sys.executable, "-m", "hidlr_hpo", "run", str(study_file), "--storage", url, "--helper"]
+        command += ["--no-progress", *(["--quick"] if quick else [])]
+        command += ["--tracking-uri", tracking_uri] if tracking_uri else []
+        command += [] if tracking else ["--no-tracking"]
+        for _ in range(workers - 1):
+            helpers.append(subprocess.Popen(command, stdout=subprocess.DEVNULL))
+
+    def seed_table(seeds: list[int]) -> None:
+        if len(seeds) < len(cfg.seeds):  # the last one comes with the final message
+            console.print(_summary_table(cfg.model_copy(update={"seeds": seeds}), url, len(cfg.seeds)))
+
+    try:
+        tracker = run_study(
+            cfg,
+            storage=url,
+            tracking_uri=tracking_uri,
+            tracking=tracking,
+            show_progress=progress,
+            on_ready=start_helpers,
+            on_seed_done=seed_table if progress and not helper else None,
+            lead=not helper,
+            finish=not helpers,
+        )
+    except BaseException:
+        for process in helpers:  # stopped: so are its helpers (each records its running trial as FAIL)
+            process.send_signal(signal.SIGTERM)
+        for process in helpers:
+            process.wait()
+        raise
+    failed_helpers = sum(process.wait() != 0 for process in helpers)
+    if helper:
+        return
+    if helpers:
+        finish_study(cfg, url, tracker)
+    if progress:
+        console.print(_summary_table(cfg, url, len(cfg.seeds)))
+    if failed_helpers:
+        console.print(f"[yellow]{failed_helpers} helper worker(s) stopped with an error; rerun to finish[/yellow]")
     console.print(
-        f"study [bold]{cfg.name}[/bold] done in {storage or cfg.storage}; "
-        f"next: hidlr report {study_file}{' --quick' if quick else ''}"
+        f"study [bold]{cfg.name}[/bold] done in {url}; next: hidlr report {study_file}{' --quick' if quick else ''}"
     )
     if tracker.active:
         if tracker.uri.startswith("http"):
@@ -208,13 +254,15 @@ def report(
             console.print(f"attached to the MLflow parent run of experiment {cfg.name} in {tracker.uri}")
 
 
-def _summary_table(cfg: StudyConfig, storage: str | None) -> Table:
-    """The report's main numbers, narrow enough for an 80-column terminal."""
+def _summary_table(cfg: StudyConfig, storage: str | None, of_seeds: int | None = None) -> Table:
+    """The report's main numbers, narrow enough for an 80-column terminal (``of_seeds``: the study's seeds,
+    of which ``cfg.seeds`` are done)."""
     import statistics
 
     from .report import collect
 
-    table = Table(title=f"{cfg.name}: mean over seeds", title_justify="left")
+    done = f" ({len(cfg.seeds)} of {of_seeds} seeds)" if of_seeds and len(cfg.seeds) < of_seeds else ""
+    table = Table(title=f"{cfg.name}: mean over seeds{done}", title_justify="left")
     for column in ("method", "val loss", "test loss", "compute"):
         table.add_column(column, justify="left" if column == "method" else "right")
     for s in collect(cfg, storage):

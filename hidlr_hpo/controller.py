@@ -962,4 +962,3 @@ def mean_over_ranks(losses: torch.Tensor) -> torch.Tensor:
     total = losses.to(device)
     dist.all_reduce(total, op=dist.ReduceOp.SUM)
     return (total / dist.get_world_size()).cpu()
-

@@ -26,10 +26,13 @@ TPE search draws what an uninterrupted one would, and every trial records what i
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
+import json
 import math
 import os
 import statistics
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -111,25 +114,41 @@ def run_study(
     show_progress: bool = True,
     tracking_uri: str | None = None,
     tracking: bool = True,
+    on_ready: Callable[[], None] | None = None,
+    on_seed_done: Callable[[list[int]], None] | None = None,
+    lead: bool = True,
+    finish: bool = True,
 ) -> Tracker:
     """Run every missing trial of the study (a rerun resumes), logging to MLflow unless ``tracking=False``.
 
+    Seeds run one after the other (every method of seed 0, then of seed 1, ...), so a first table is
+    there early: ``on_seed_done(seeds)`` is called when every trial of these seeds has finished.
+    ``on_ready`` is called once the study's storage and MLflow experiment exist (``hidlr run --workers``
+    starts its other workers there). ``lead=False``: a helper worker, which leaves the MLflow parent run to
+    the lead; ``finish=False``: the lead closes it later with :func:`finish_study` (after its helpers).
     Returns the tracker (its ``failed`` says whether tracking was switched off by an error).
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = check_storage_url(storage or cfg.storage)  # a bad URL fails here, before anything is written
     tracker = Tracker(tracking_uri, enabled=tracking)
-    tracker.start_study(cfg.name, cfg.model_dump(), reopen=True)
+    tracker.start_study(cfg.name, cfg.model_dump(), reopen=lead)
     try:
         with _threads(TRIAL_THREADS):  # the task's data too: standardising it is a reduction
-            _run_plans(cfg, storage, show_progress, tracker)
+            _run_plans(cfg, storage, show_progress, tracker, on_ready, on_seed_done)
     except BaseException:
-        tracker.end_study(failed=True)
+        if lead:
+            tracker.end_study(failed=True)
         raise
+    if lead and finish:
+        finish_study(cfg, storage, tracker)
+    return tracker
+
+
+def finish_study(cfg: StudyConfig, storage: str, tracker: Tracker) -> None:
+    """Put the per-method summary on the MLflow parent run and close it (FINISHED)."""
     if tracker.active:
         tracker.log_summary(method_summary_metrics(cfg, storage))
     tracker.end_study()
-    return tracker
 
 
 def method_summary_metrics(cfg: StudyConfig, storage: str | None = None) -> dict[str, float]:
@@ -151,12 +170,22 @@ def method_summary_metrics(cfg: StudyConfig, storage: str | None = None) -> dict
     return metrics
 
 
-def _run_plans(cfg: StudyConfig, storage: str, show_progress: bool, tracker: Tracker) -> None:
-    """Claim and run trials until none is left to claim; several workers may run this on one storage."""
+def _run_plans(
+    cfg: StudyConfig,
+    storage: str,
+    show_progress: bool,
+    tracker: Tracker,
+    on_ready: Callable[[], None] | None = None,
+    on_seed_done: Callable[[list[int]], None] | None = None,
+) -> None:
+    """Claim and run trials, seed after seed, until none is left to claim; several workers may run this on
+    one storage (the progress bar counts every worker's trials)."""
     task = check_study(cfg)  # a bad option fails here, before any trial
     n_groups = len(group_parameters(task.make_model(0), task.grouping))
     check_budgets(cfg, storage)  # before anything is written: a changed budget never reuses trials
-    plans = [_plan(cfg, method, seed, storage, n_groups) for method in cfg.methods for seed in cfg.seeds]
+    plans = [_plan(cfg, method, seed, storage, n_groups) for seed in cfg.seeds for method in cfg.methods]
+    if on_ready is not None:
+        on_ready()
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -165,9 +194,10 @@ def _run_plans(cfg: StudyConfig, storage: str, show_progress: bool, tracker: Tra
         TextColumn("eta"),
         TimeRemainingColumn(),  # from the trials done so far; searches and grids differ, so a rough guide
     )
-    with Progress(*columns, disable=not show_progress) as progress:
-        bar = progress.add_task(f"{cfg.name}: trials", total=sum(p.remaining() for p in plans))
-        for plan in plans:
+    total = sum(p.remaining() for p in plans)
+    with Progress(*columns, disable=not show_progress) as progress, _poll(plans, total, progress) as bar:
+        seeds_done: list[int] = []
+        for i, plan in enumerate(plans):
             progress.update(bar, description=f"{cfg.name}: {plan.method.name} seed {plan.seed}")
             objective = _objective(cfg, task, plan.method, plan.seed, n_groups, tracker)
             while (trial := _next_trial(plan, tracker)) is not None:
@@ -180,10 +210,36 @@ def _run_plans(cfg: StudyConfig, storage: str, show_progress: bool, tracker: Tra
                         f"[yellow]{escape(plan.study.study_name)} trial {ended.number} failed: "
                         f"{escape(str(ended.user_attrs.get('error', '?')))}[/yellow]"
                     )
-                progress.advance(bar)
+                progress.update(bar, completed=total - sum(p.remaining() for p in plans))
+            last_of_seed = i + 1 == len(plans) or plans[i + 1].seed != plan.seed
+            if on_seed_done is not None and last_of_seed:
+                done = [seed for seed in cfg.seeds if all(p.remaining() == 0 for p in plans if p.seed == seed)]
+                if done != seeds_done:  # finished by this worker or others since the last seed
+                    seeds_done = done
+                    on_seed_done(done)
     left = sum(p.remaining() for p in plans)
     if left:
         print(f"{left} trial(s) are running in other workers; `hidlr report` once they are done")
+
+
+@contextlib.contextmanager
+def _poll(plans: list[_Plan], total: int, progress: Progress) -> Iterator[Any]:
+    """The progress bar's task, moved every few seconds to the trials finished by any worker."""
+    bar = progress.add_task(f"{plans[0].study.study_name.split('/')[0]}: trials", total=total)
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.wait(3.0):
+            with contextlib.suppress(Exception):  # a busy database: the next poll will do
+                progress.update(bar, completed=total - sum(p.remaining() for p in plans))
+
+    thread = threading.Thread(target=poll, name="progress", daemon=True)
+    thread.start()
+    try:
+        yield bar
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _next_trial(plan: _Plan, tracker: Tracker) -> optuna.Trial | None:
@@ -234,11 +290,20 @@ def in_study_file(method: MethodConfig, trials: list[FrozenTrial], cfg: StudyCon
         return [t for t in steps if t.state in _DONE]
     done = [t for t in trials if t.state in _DONE]
     if isinstance(method, GridMethod | GroupGridMethod):
-        task = get_task(cfg.task.name, **cfg.task.options)
-        n_groups = len(group_parameters(task.make_model(0), task.grouping))
+        n_groups = (
+            _task_groups(cfg.task.name, json.dumps(cfg.task.options, sort_keys=True))
+            if isinstance(method, GroupGridMethod)
+            else 1
+        )  # a uniform grid's points do not depend on it
         wanted = {trial_queue.queue_key(p) for p in _grid_points(method, n_groups)}
         done = [t for t in done if trial_queue.queue_key(t.params) in wanted]
     return done
+
+
+@functools.cache
+def _task_groups(name: str, options: str) -> int:
+    task = get_task(name, **json.loads(options))
+    return len(group_parameters(task.make_model(0), task.grouping))
 
 
 def _is_done(trial: FrozenTrial) -> bool:

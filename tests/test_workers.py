@@ -4,6 +4,8 @@ finished trial, nothing left WAITING or RUNNING, and the MLflow runs of interrup
 
 from __future__ import annotations
 
+import os
+import re
 import signal
 import socket
 import subprocess
@@ -253,3 +255,36 @@ def test_ui_stops_its_server_on_sigterm(tmp_path):
     time.sleep(1)
     with pytest.raises(OSError):
         urllib.request.urlopen(url, timeout=2)
+
+
+def test_workers_option_runs_helpers_with_one_display(tmp_path):
+    path = _write(tmp_path, f"sqlite:///{tmp_path / 'studies.db'}", epochs=2)
+    path.write_text(path.read_text().replace("seeds = [0]", "seeds = [0, 1]"))
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run = subprocess.run(
+        [sys.executable, "-m", "hidlr_hpo", "run", str(path), "--workers", "2", "--tracking-uri", tracking],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "COLUMNS": "100"},
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "workers: mean over seeds (1 of 2 seeds)" in run.stdout  # the first table, after seed 0
+    assert re.search(r"workers: mean over seeds *\n", run.stdout)  # the final one
+    cfg = load_study_config(path)
+    storage = open_storage(cfg.storage)
+    owners = set()
+    for method in cfg.methods:
+        for seed in (0, 1):
+            study = optuna.load_study(study_name=optuna_study_name(cfg, method, seed), storage=storage)
+            states = Counter(t.state for t in study.trials)
+            assert states[TrialState.WAITING] == states[TrialState.RUNNING] == 0
+            owners |= {t.user_attrs["owner"] for t in study.trials if "compute" in t.user_attrs}
+    assert len(owners) == 2  # the lead and its helper both trained
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking)
+    experiment = client.get_experiment_by_name("workers")
+    (parent,) = client.search_runs([experiment.experiment_id], filter_string="tags.`hidlr.role` = 'study'")
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["grid/seeds"] == 2  # the summary covers both workers' trials
