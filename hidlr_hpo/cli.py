@@ -244,6 +244,13 @@ def report(
     except ValueError as exc:
         console.print(f"[red]{escape(str(exc))}[/red]")
         raise typer.Exit(1) from None
+    except OSError as exc:  # an output folder that cannot be made or written
+        where = exc.filename or out or cfg.results_dir
+        console.print(
+            f"[red]cannot write the report to {escape(str(where))}: {escape(exc.strerror or str(exc))}; "
+            "choose another folder with --out[/red]"
+        )
+        raise typer.Exit(2) from None
     console.print(_summary_table(cfg, storage))
     console.print(f"report (every column, paired comparisons, plots): {path}")
     if tracking:

@@ -30,12 +30,13 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import optuna
+import sqlalchemy.engine
 import sqlalchemy.exc
 from optuna.storages import BaseStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
-from .storage import JOURNAL_PREFIX
+from .storage import JOURNAL_PREFIX, storage_file
 
 __all__ = [
     "GRACE_SECONDS",
@@ -57,10 +58,23 @@ _OWNER = "owner"  # user attribute: "host:pid" of the worker that claimed the tr
 _KEY = "queue_key"  # user attribute: the configuration's identity within its study
 
 
-@functools.cache
 def open_storage(url: str) -> BaseStorage:
-    """The Optuna storage of ``url``, once per process: an RDB storage with heartbeats, or a journal file
-    (``journal:///path/to/file.log``: Optuna's ``JournalFileStorage``, for a shared file system)."""
+    """The Optuna storage of ``url``, once per process and file: an RDB storage with heartbeats, or a journal
+    file (``journal:///path/to/file.log``: Optuna's ``JournalFileStorage``, for a shared file system). A
+    relative SQLite or journal path is taken from the current folder."""
+    file = storage_file(url)
+    if file is not None and not file.is_absolute():
+        if url.startswith(JOURNAL_PREFIX):
+            url = JOURNAL_PREFIX + str(file.resolve())
+        else:
+            url = (
+                sqlalchemy.engine.make_url(url).set(database=str(file.resolve())).render_as_string(hide_password=False)
+            )
+    return _open(url)
+
+
+@functools.cache
+def _open(url: str) -> BaseStorage:
     if url.startswith(JOURNAL_PREFIX):
         return JournalStorage(JournalFileBackend(url[len(JOURNAL_PREFIX) :]))
     engine_kwargs: dict[str, Any] = {}

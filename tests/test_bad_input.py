@@ -89,3 +89,18 @@ def test_bad_task_and_method_options_are_refused_before_anything_runs(
     assert result.exit_code == 2 and message in output, output
     assert "Traceback" not in output and len(result.output.strip().splitlines()) <= 4, result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.toml"]  # no database, no mlflow.db, no results
+
+
+def test_report_to_a_folder_that_cannot_be_made_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.set_default_dtype(torch.float32)  # the tasks' data are float32 (conftest's default is float64)
+    (tmp_path / "s.toml").write_text(STUDY.format(name="ok", seeds="[0]", method="m") + "[budget]\nepochs = 1\n")
+    ran = CliRunner().invoke(app, ["run", "s.toml", "--no-tracking", "--no-progress"])
+    assert ran.exit_code == 0, ran.output
+    (tmp_path / "a-file").write_text("")
+    result = CliRunner().invoke(app, ["report", "s.toml", "--no-tracking", "--out", "a-file/report"])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 2 and "cannot write the report to a-file/report: Not a directory" in output, (
+        output + ran.output
+    )
+    assert "Traceback" not in output
