@@ -23,6 +23,7 @@ then ``sqlite:///mlflow.db`` in the working folder (MLflow 3's own default).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -43,6 +44,32 @@ _MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch call
 def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
     """The argument, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``."""
     return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def _create_sqlite_store(uri: str) -> None:
+    """Create a new SQLite tracking store whole or not at all.
+
+    MLflow creates its tables in about twenty migrations; a run killed in the middle used to leave a
+    half-made ``mlflow.db`` that MLflow then refused for good. The store is made under a temporary name in
+    the same folder and linked into place when complete (a second process that made it first wins).
+    """
+    from .storage import storage_file
+
+    try:
+        file = storage_file(uri)
+    except Exception:  # noqa: BLE001 - not a database URL (a server, a file store): nothing to create here
+        return
+    if file is None or file.exists() or not file.parent.is_dir():
+        return
+    from mlflow import MlflowClient
+
+    temporary = file.with_name(f".{file.name}.{os.getpid()}.creating")
+    try:
+        MlflowClient(tracking_uri=f"sqlite:///{temporary}").search_experiments(max_results=1)  # runs migrations
+        with contextlib.suppress(FileExistsError):
+            os.link(temporary, file)  # atomic: the store appears complete, or not at all
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def ui_command(tracking_uri: str | None = None, port: int = 5000) -> list[str]:
@@ -110,6 +137,7 @@ class Tracker:
     def _connect(self) -> None:
         from mlflow import MlflowClient
 
+        _create_sqlite_store(self.uri)
         self.client = MlflowClient(tracking_uri=self.uri)
 
     @property

@@ -288,3 +288,33 @@ def test_workers_option_runs_helpers_with_one_display(tmp_path):
     (parent,) = client.search_runs([experiment.experiment_id], filter_string="tags.`hidlr.role` = 'study'")
     assert parent.info.status == "FINISHED"
     assert parent.data.metrics["grid/seeds"] == 2  # the summary covers both workers' trials
+
+
+def test_a_kill_while_mlflow_creates_its_store_leaves_no_half_made_store(tmp_path):
+    path = _write(tmp_path, f"sqlite:///{tmp_path / 'studies.db'}", epochs=1)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hidlr_hpo", "run", str(path), "--no-progress"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".mlflow.db.*.creating")):  # MLflow is creating its tables
+        assert proc.poll() is None and time.monotonic() < deadline, "never saw the store being created"
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    assert not (tmp_path / "mlflow.db").exists()  # nothing half-made where MLflow will look
+    rerun = subprocess.run(
+        [sys.executable, "-m", "hidlr_hpo", "run", str(path), "--no-progress"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "tracking" not in rerun.stderr.lower() or "failed" not in rerun.stderr.lower(), rerun.stderr
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("workers")
+    assert len(client.search_runs([experiment.experiment_id], max_results=100)) > 1  # the parent and the trials
