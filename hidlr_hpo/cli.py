@@ -22,7 +22,7 @@ from .config import StudyConfig, load_study_config
 from .groups import group_names, group_parameters
 from .report import write_report
 from .storage import check_storage_url, storage_file
-from .study import check_budgets, check_study, finish_study, pin_cpu_kernels, run_study
+from .study import TRIAL_THREADS, check_budgets, check_study, finish_study, pin_cpu_kernels, run_study
 from .tasks import get_task
 from .tracking import DEFAULT_TRACKING_URI, Tracker, ui_command
 from .training import EpochLog, train
@@ -159,8 +159,12 @@ def run(
     tracking_uri: TrackingUriOption = None,
     tracking: TrackingOption = True,
     workers: Annotated[
-        int, typer.Option(min=1, help="worker processes sharing the study's trials (each trial uses 2 threads)")
-    ] = 1,
+        int | None,
+        typer.Option(
+            min=1,
+            help="worker processes sharing the study's trials (default: one per 2 cores; each trial uses 2 threads)",
+        ),
+    ] = None,
     progress: Annotated[bool, typer.Option(help="progress bar and a table after each seed")] = True,
     helper: Annotated[bool, typer.Option(hidden=True, help="a helper worker started by --workers")] = False,
 ) -> None:
@@ -177,6 +181,8 @@ def run(
     # as FAIL and its MLflow run as FAILED, and a rerun trains it again.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     helpers: list[subprocess.Popen] = []
+    if workers is None:  # every trial runs TRIAL_THREADS intra-op threads: more workers would only contend
+        workers = 1 if helper else max(1, (os.cpu_count() or 1) // TRIAL_THREADS)
 
     def start_helpers() -> None:
         command = [sys.executable, "-m", "hidlr_hpo", "run", str(study_file), "--storage", url, "--helper"]
@@ -184,7 +190,8 @@ def run(
         command += ["--tracking-uri", tracking_uri] if tracking_uri else []
         command += [] if tracking else ["--no-tracking"]
         for _ in range(workers - 1):
-            helpers.append(subprocess.Popen(command, stdout=subprocess.DEVNULL))
+            # Their own session: Ctrl-C reaches the lead only, which stops them (SIGTERM) after its own trial.
+            helpers.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, start_new_session=True))
 
     def seed_table(seeds: list[int]) -> None:
         if len(seeds) < len(cfg.seeds):  # the last one comes with the final message
@@ -200,15 +207,16 @@ def run(
             on_ready=start_helpers,
             on_seed_done=seed_table if progress and not helper else None,
             lead=not helper,
-            finish=not helpers,
+            finish=workers == 1,  # with helpers, the lead closes the MLflow parent after them (below)
         )
+        failed_helpers = sum(process.wait() != 0 for process in helpers)
     except BaseException:
         for process in helpers:  # stopped: so are its helpers (each records its running trial as FAIL)
-            process.send_signal(signal.SIGTERM)
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
         for process in helpers:
             process.wait()
         raise
-    failed_helpers = sum(process.wait() != 0 for process in helpers)
     if helper:
         return
     if helpers:

@@ -259,27 +259,35 @@ def _next_trial(plan: _Plan, tracker: Tracker) -> optuna.Trial | None:
             steps = _search_steps(trials)
             if len(steps) >= method.n_trials or any(t.state == TrialState.RUNNING for t in trials):
                 return None
+            if plan.failed_here & {
+                trial_queue.key_of(t)
+                for t in trials
+                if t.state == TrialState.FAIL and not (_is_search_step(t) or t.user_attrs.get("duplicate"))
+            }:
+                return None  # a step failed here without a recorded error: not again in this run
             key = f"step {len(steps)}"
             if not any(t.state == TrialState.WAITING and trial_queue.key_of(t) == key for t in trials):
                 proposal = _tpe_search(method, plan.seed, steps).ask(_tpe_space(method))
                 trial_queue.enqueue(study, proposal.params, key)
             counts = _is_search_step
+            wanted = {key}
         else:
             live = (*_DONE, TrialState.RUNNING, TrialState.WAITING)
             held = {trial_queue.key_of(t) for t in trials if t.state in live}
+            wanted = {trial_queue.queue_key(config) for config in plan.configs}
             for config in plan.configs:
                 key = trial_queue.queue_key(config)
                 if key not in held and key not in plan.failed_here:
                     trial_queue.enqueue(study, config, key)
             counts = _is_done
-        claimed = trial_queue.claim(study)
+        claimed = trial_queue.claim(study, wanted.__contains__)
         if claimed is None:
             return None
         if not trial_queue.is_duplicate(study, claimed, counts):
             return claimed
         # Two workers enqueued the same configuration at once: the lower-numbered trial is its trial.
         claimed.set_user_attr("duplicate", True)
-        study.tell(claimed, state=TrialState.FAIL)
+        study.tell(claimed, state=TrialState.FAIL, skip_if_finished=True)
 
 
 def in_study_file(method: MethodConfig, trials: list[FrozenTrial], cfg: StudyConfig) -> list[FrozenTrial]:
@@ -568,17 +576,23 @@ def _objective(
 
         try:
             result = train(task, on_epoch=on_epoch, on_refit=run.refit, **kwargs)
+            _record(trial, result)
         except optuna.TrialPruned:
             run.finish({"compute": trial.user_attrs.get("compute", 0.0)}, state="PRUNED")
             raise
         except BaseException as exc:
             run.finish({}, state="FAIL")
-            if isinstance(exc, Exception):  # failed in training (an interrupt is not a result)
-                trial.set_user_attr("error", f"{type(exc).__name__}: {str(exc)[:300]}")
+            if isinstance(exc, Exception):  # failed in training or recording (an interrupt is not a result)
+                # The trial may be finished already: failed by another worker while this one was paused.
+                with contextlib.suppress(Exception):
+                    trial.set_user_attr("error", f"{type(exc).__name__}: {str(exc)[:300]}")
             raise
-        _record(trial, result)
         if run.active:
-            figures = trial_figures(result)
+            try:
+                figures = trial_figures(result)
+            except Exception as exc:  # noqa: BLE001 - a plot is tracking, never the trial's result
+                warnings.warn(f"the trial's figures could not be drawn: {exc}", RuntimeWarning, stacklevel=1)
+                figures = []
             run.finish(result.summary(), figures, state="COMPLETE")
             for _, figure in figures:
                 plt.close(figure)

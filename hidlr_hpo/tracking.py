@@ -23,7 +23,6 @@ then ``sqlite:///mlflow.db`` in the working folder (MLflow 3's own default).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -66,8 +65,12 @@ def _create_sqlite_store(uri: str) -> None:
     temporary = file.with_name(f".{file.name}.{os.getpid()}.creating")
     try:
         MlflowClient(tracking_uri=f"sqlite:///{temporary}").search_experiments(max_results=1)  # runs migrations
-        with contextlib.suppress(FileExistsError):
+        try:
             os.link(temporary, file)  # atomic: the store appears complete, or not at all
+        except FileExistsError:
+            pass  # another process made it first: use theirs
+        except OSError:  # a file system without hard links: a rename is atomic too (last one wins)
+            os.replace(temporary, file)
     finally:
         temporary.unlink(missing_ok=True)
 

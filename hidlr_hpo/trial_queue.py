@@ -17,6 +17,7 @@ terminal).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -25,7 +26,6 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -117,14 +117,19 @@ def enqueue(study: optuna.Study, params: dict[str, Any], key: str) -> None:
     )
 
 
-def claim(study: optuna.Study) -> optuna.Trial | None:
-    """Take the lowest-numbered WAITING trial for this worker, or None when the queue is empty.
+def claim(study: optuna.Study, wanted: Callable[[str], bool] = lambda key: True) -> optuna.Trial | None:
+    """Take the lowest-numbered WAITING trial whose key is ``wanted`` for this worker, or None.
 
     The storage moves a trial from WAITING to RUNNING for one caller only; a trial another worker took
-    first is skipped.
+    first is skipped. A WAITING trial that is not wanted (a grid value since removed from the study file,
+    a step enqueued by an older version) is closed as FAIL, untrained, instead of run.
     """
     storage = study._storage
     for trial in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        if not wanted(key_of(trial)):
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+                storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+            continue
         try:
             if not storage.set_trial_state_values(trial._trial_id, state=TrialState.RUNNING):
                 continue
@@ -180,20 +185,22 @@ def fail_stale(study: optuna.Study) -> list[FrozenTrial]:
 def run_claimed(study: optuna.Study, trial: optuna.Trial, objective: Callable[[optuna.Trial], float]) -> FrozenTrial:
     """Run a claimed trial and record how it ended, as ``study.optimize`` would: its value, PRUNED, or FAIL
     (an exception in training is recorded and returned; an interrupt is recorded and raised again)."""
+    # skip_if_finished: another worker may have failed the trial meanwhile (this one was paused longer than
+    # the grace period); its end is then already recorded, and the configuration is being run again.
     with _heartbeat(study._storage, trial._trial_id):
         try:
             value = objective(trial)
         except optuna.TrialPruned:
-            return study.tell(trial, state=TrialState.PRUNED)
+            return study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
         except Exception:
-            return study.tell(trial, state=TrialState.FAIL)
+            return study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
         except BaseException:
-            study.tell(trial, state=TrialState.FAIL)
+            study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
             raise
-    return study.tell(trial, value)
+    return study.tell(trial, value, skip_if_finished=True)
 
 
-@contextmanager
+@contextlib.contextmanager
 def _heartbeat(storage: BaseStorage, trial_id: int) -> Iterator[None]:
     """Record the trial's heartbeat every :data:`HEARTBEAT_SECONDS` while it runs (RDB storages)."""
     if not isinstance(storage, RDBStorage) or storage.get_heartbeat_interval() is None:
@@ -203,7 +210,8 @@ def _heartbeat(storage: BaseStorage, trial_id: int) -> Iterator[None]:
 
     def beat() -> None:
         while True:
-            storage.record_heartbeat(trial_id)
+            with contextlib.suppress(Exception):  # a locked or dropped database: the next beat will do
+                storage.record_heartbeat(trial_id)
             if stop.wait(HEARTBEAT_SECONDS):
                 return
 
