@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -46,8 +46,8 @@ lr = 1e-3
 )
 def test_bad_storage_urls_fail_at_the_cli_with_one_message_and_no_files(tmp_path, monkeypatch, url, message):
     driver = {"mysql+mysqldb": "MySQLdb", "postgresql+psycopg": "psycopg"}.get(url.split(":")[0])
-    if driver and importlib.util.find_spec(driver):
-        pytest.skip(f"{driver} is installed here")
+    if driver:  # installed or not (the tests install psycopg), this process cannot import it
+        monkeypatch.setitem(sys.modules, driver, None)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "tiny.toml").write_text(STUDY)
     for command in ("run", "report"):
