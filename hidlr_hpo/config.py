@@ -154,6 +154,9 @@ class HiDLRSearchMethod(HiDLRMethod):
     low: float = 1e-4
     high: float = 1e-1
     pruner: Pruner = "successive-halving"
+    checks_per_epoch: int = Field(
+        1, ge=1, le=20, description="validation checks per epoch that the pruner sees (rungs below one epoch)"
+    )
 
     @model_validator(mode="after")
     def _search_range(self) -> HiDLRSearchMethod:
@@ -203,6 +206,9 @@ class TPEMethod(_Scheduled):
     low: float = 1e-5
     high: float = 1.0
     pruner: Pruner = Field("none", description="stop poor trials early on their per-epoch validation loss")
+    checks_per_epoch: int = Field(
+        1, ge=1, le=20, description="validation checks per epoch that the pruner sees (rungs below one epoch)"
+    )
 
     @model_validator(mode="after")
     def _range(self) -> TPEMethod:
@@ -303,6 +309,8 @@ def describe_method(method: MethodConfig) -> str:
     """A short description of a method's configuration for the table."""
     opt = _OPTIMIZER_LABELS.get(method.optimizer, method.optimizer)
     pruned = "" if getattr(method, "pruner", "none") == "none" else f", {method.pruner} pruning"  # type: ignore[union-attr]
+    if pruned and getattr(method, "checks_per_epoch", 1) > 1:
+        pruned += f" ({method.checks_per_epoch} checks per epoch)"  # type: ignore[union-attr]
     if isinstance(method, HiDLRSearchMethod):
         return (
             f"TPE over Hi-DLR {method.mode}'s starting lr in [{method.low:g}, {method.high:g}], "

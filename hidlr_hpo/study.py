@@ -440,13 +440,16 @@ def _changes(have: dict[str, Any], want: dict[str, Any], prefix: str = "") -> st
 
 
 def _pruner(method: MethodConfig, epochs: int) -> optuna.pruners.BasePruner:
-    """Successive halving or Hyperband over epochs (a third of the trials go on at each rung), or none."""
+    """Successive halving or Hyperband over validation checks (a third of the trials go on at each rung), or
+    none. A check is an epoch, or 1/R of one with ``checks_per_epoch = R``; the first rung is a tenth of the
+    run's checks (at least one)."""
     kind = getattr(method, "pruner", "none")
-    min_epochs = max(1, epochs // 10)
+    checks = epochs * getattr(method, "checks_per_epoch", 1)
+    first = max(1, checks // 10)
     if kind == "successive-halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=min_epochs, reduction_factor=3)
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=first, reduction_factor=3)
     if kind == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=min_epochs, max_resource=epochs, reduction_factor=3)
+        return optuna.pruners.HyperbandPruner(min_resource=first, max_resource=checks, reduction_factor=3)
     return optuna.pruners.NopPruner()
 
 
@@ -567,15 +570,32 @@ def _objective(
         pruned = getattr(method, "pruner", "none") != "none"
         started = time.perf_counter()
 
+        checks = getattr(method, "checks_per_epoch", 1) if pruned else 1
+
         def on_epoch(log: EpochLog) -> None:
             run.epoch(log)
-            trial.report(log.val_loss if math.isfinite(log.val_loss) else math.inf, log.epoch)
+            index = (log.epoch + 1) * checks - 1  # the pruner's step: checks so far (epochs, when 1 per epoch)
+            trial.report(log.val_loss if math.isfinite(log.val_loss) else math.inf, index)
             if pruned and log.epoch + 1 < budget.epochs and trial.should_prune():
-                _record_partial(trial, log, time.perf_counter() - started)
+                _record_partial(trial, log.val_loss, log.compute, (log.epoch + 1), time.perf_counter() - started)
                 raise optuna.TrialPruned(f"pruned after epoch {log.epoch + 1}: val loss {log.val_loss:.4g}")
 
+        def on_check(index: int, val_loss: float, compute: float) -> None:
+            trial.report(val_loss if math.isfinite(val_loss) else math.inf, index)
+            if trial.should_prune():
+                epochs_run = (index + 1) / checks
+                _record_partial(trial, val_loss, compute, epochs_run, time.perf_counter() - started)
+                raise optuna.TrialPruned(f"pruned after {epochs_run:.2f} epochs: val loss {val_loss:.4g}")
+
         try:
-            result = train(task, on_epoch=on_epoch, on_refit=run.refit, **kwargs)
+            result = train(
+                task,
+                on_epoch=on_epoch,
+                on_refit=run.refit,
+                checks_per_epoch=checks,
+                on_check=on_check if checks > 1 else None,
+                **kwargs,
+            )
             _record(trial, result)
         except optuna.TrialPruned:
             run.finish({"compute": trial.user_attrs.get("compute", 0.0)}, state="PRUNED")
@@ -670,12 +690,12 @@ def _record_numerics(trial: optuna.Trial) -> None:
     trial.set_user_attr("torch_version", torch.__version__)
 
 
-def _record_partial(trial: optuna.Trial, log: EpochLog, seconds: float) -> None:
+def _record_partial(trial: optuna.Trial, val_loss: float, compute: float, epochs_run: float, seconds: float) -> None:
     """What a pruned trial spent: its compute, time and epochs up to the pruning (counted in the method's total)."""
-    trial.set_user_attr("compute", log.compute)
+    trial.set_user_attr("compute", compute)
     trial.set_user_attr("wall_seconds", seconds)
-    trial.set_user_attr("epochs_run", log.epoch + 1)
-    trial.set_user_attr("final_val_loss", log.val_loss if math.isfinite(log.val_loss) else None)
+    trial.set_user_attr("epochs_run", epochs_run)
+    trial.set_user_attr("final_val_loss", val_loss if math.isfinite(val_loss) else None)
 
 
 def _record(trial: optuna.Trial, result: TrainResult) -> None:

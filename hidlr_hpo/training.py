@@ -184,6 +184,8 @@ def train(
     on_refit: Callable[[RefitRecord, float, list[str]], None] | None = None,
     device: str | torch.device = "cpu",
     grouping: str | None = None,
+    checks_per_epoch: int = 1,
+    on_check: Callable[[int, float, float], None] | None = None,
 ) -> TrainResult:
     """Train ``task.make_model(seed)`` with ``optimizer`` over the task's groups.
 
@@ -199,6 +201,10 @@ def train(
         probe: the probe batch: ``"train"`` (the batch just trained on) or ``"heldout"`` (a random
             validation batch of the same size, so the fitted objective is a validation loss).
         on_epoch: called after every epoch with its log (progress display, tracking).
+        checks_per_epoch, on_check: with ``checks_per_epoch = R > 1``, ``on_check(index, val_loss, compute)``
+            is also called R - 1 times within each epoch, at evenly spaced steps (``index`` counts checks over
+            the run, the epoch's end being check R (e + 1) - 1): a pruner's rung below one epoch. Evaluating
+            does not touch the training's random state, so the trajectory is the same with or without.
         on_refit: called after every Hi-DLR refit with its record, the compute spent so far and the group names.
         device: where the model, the data and the probes live ("cpu", "cuda"); the same code path.
         grouping: overrides the task's grouping strategy (``"single"``: one group, GeN).
@@ -226,9 +232,12 @@ def train(
     probe_examples = 0
     best = float("inf")
     callback_seconds = 0.0  # time in on_epoch / on_refit (progress, tracking): not the method's cost
+    steps_per_epoch = -(-len(task.train) // batch_size)
+    # Steps (within an epoch) after which a check runs: R - 1 evenly spaced ones before the epoch's end.
+    check_after = {round(k * steps_per_epoch / checks_per_epoch): k for k in range(1, checks_per_epoch)}
     for epoch in range(epochs):
         running, seen = 0.0, 0
-        for x, y in task.train.batches(batch_size, gen):
+        for step_in_epoch, (x, y) in enumerate(task.train.batches(batch_size, gen), start=1):
             loss = task.loss_fn(model, (x, y))
             loss.backward()
             running += float(loss.detach()) * len(y)
@@ -254,6 +263,17 @@ def train(
                 scheduler.step()
             opt.zero_grad(set_to_none=True)
             result.steps += 1
+            if on_check is not None and step_in_epoch in check_after:
+                set_eval_mode(opt, True)
+                check_loss, _ = evaluate(model, task, task.val)
+                set_eval_mode(opt, False)
+                t0 = time.perf_counter()
+                on_check(
+                    epoch * checks_per_epoch + check_after[step_in_epoch] - 1,
+                    check_loss,
+                    3.0 * examples_trained + probe_examples,
+                )
+                callback_seconds += time.perf_counter() - t0
         set_eval_mode(opt, True)  # Schedule-Free evaluates at its averaged point
         val_loss, val_acc = evaluate(model, task, task.val)
         set_eval_mode(opt, False)

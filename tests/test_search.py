@@ -120,3 +120,24 @@ def test_a_search_trial_that_fails_is_recorded_and_the_search_moves_on(tmp_path,
     assert "simulated" in trials(cfg, "hidlr-search")[1].user_attrs["error"]
     run_study(cfg, show_progress=False, tracking=False)  # a rerun: the failed trial counts, nothing runs again
     assert len(trials(cfg, "hidlr-search")) == 4 and len(calls) == 4
+
+
+def test_checks_within_an_epoch_give_the_pruner_rungs_below_one_epoch(tmp_path):
+    cfg = study(tmp_path)
+    methods = [m.model_copy(update={"checks_per_epoch": 3}) for m in cfg.methods]
+    cfg = cfg.model_copy(update={"budget": cfg.budget.model_copy(update={"epochs": 2}), "methods": methods})
+    run_study(cfg, show_progress=False, tracking=False)
+    for name in ("hidlr-search", "tpe-pruned"):
+        finished = trials(cfg, name)
+        for t in finished:  # checks 0..5: two within each epoch and its end
+            assert sorted(t.intermediate_values) == list(range(len(t.intermediate_values)))
+        for t in (t for t in finished if t.state == TrialState.COMPLETE):
+            assert len(t.intermediate_values) == 6
+            # The checks do not change training: the epoch ends' values are the trial's curve.
+            curve = t.user_attrs["curve"]["val_loss"]
+            assert [t.intermediate_values[2], t.intermediate_values[5]] == pytest.approx(curve, rel=1e-12)
+        pruned = [t for t in finished if t.state == TrialState.PRUNED]
+        assert pruned, name
+        assert any(t.user_attrs["epochs_run"] != int(t.user_attrs["epochs_run"]) for t in pruned)  # mid-epoch
+        assert all(len(t.intermediate_values) == round(t.user_attrs["epochs_run"] * 3) for t in pruned)
+    assert "successive-halving pruning (3 checks per epoch)" in write_report(cfg).read_text()
