@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import itertools
 import json
 import math
@@ -415,6 +416,7 @@ def check_budgets(cfg: StudyConfig, storage: str) -> None:
                 }
             if have is None:
                 continue  # another worker is creating it this moment
+            have, want = _without_defaults(have, cfg, method), _without_defaults(want, cfg, method)
             if have != want:
                 changed = _changes(have, want)
                 raise ValueError(
@@ -425,11 +427,30 @@ def check_budgets(cfg: StudyConfig, storage: str) -> None:
                 )
 
 
+def _without_defaults(print_: dict[str, Any], cfg: StudyConfig, method: MethodConfig) -> dict[str, Any]:
+    """A fingerprint without the settings at their defaults, so that a setting added to the code later (at
+    its default, which is what earlier trials ran with) does not make every stored study look changed."""
+
+    def strip(values: Any, model: Any) -> Any:
+        if not isinstance(values, dict):
+            return values
+        defaults = {name: f.get_default(call_default_factory=True) for name, f in type(model).model_fields.items()}
+        defaults = {k: (v.model_dump(mode="json") if hasattr(v, "model_dump") else v) for k, v in defaults.items()}
+        return {k: v for k, v in values.items() if k not in defaults or v != defaults[k]}
+
+    return {
+        "task": strip(print_.get("task"), cfg.task),
+        "budget": strip(print_.get("budget"), cfg.budget),
+        "method": strip(print_.get("method"), method),
+    }
+
+
 def _changes(have: dict[str, Any], want: dict[str, Any], prefix: str = "") -> str:
-    """The first differences of two nested dicts, as 'budget.epochs 2 -> 30'."""
+    """The first differences of two nested dicts, as 'budget.epochs 2 -> 30' (a key missing on one side is
+    that setting at its default)."""
     diffs = []
     for key in sorted(set(have) | set(want)):
-        a, b = have.get(key), want.get(key)
+        a, b = have.get(key, _DEFAULT), want.get(key, _DEFAULT)
         if isinstance(a, dict) and isinstance(b, dict):
             inner = _changes(a, b, f"{prefix}{key}.")
             if inner:
@@ -437,6 +458,14 @@ def _changes(have: dict[str, Any], want: dict[str, Any], prefix: str = "") -> st
         elif a != b:
             diffs.append(f"{prefix}{key} {a!r} -> {b!r}")
     return "; ".join(diffs[:3])
+
+
+class _Default:
+    def __repr__(self) -> str:
+        return "default"
+
+
+_DEFAULT = _Default()
 
 
 def _pruner(method: MethodConfig, epochs: int) -> optuna.pruners.BasePruner:
@@ -662,7 +691,8 @@ def check_study(cfg: StudyConfig) -> Task:
                 lr = [min(method.lrs)] * n_groups
             elif isinstance(method, SearchMethod):
                 lr = method.low
-            with warnings.catch_warnings():
+            # Quiet: some optimizers print at construction (D-Adaptation's "Using decoupled weight decay").
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
                 warnings.simplefilter("ignore")
                 prepare(task, **train_kwargs(cfg, method, 0, lr))
         except (KeyError, TypeError, ValueError) as exc:

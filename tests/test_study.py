@@ -252,3 +252,20 @@ def test_a_win_or_a_loss_needs_a_paired_interval_that_excludes_zero():
     assert _verdict(summary([0.10, 0.07, 0.09], seeds=(1, 2, 3)), grid, "final_val_loss") == (
         "**better** -0.0200 [-0.0200, -0.0200]"
     )
+
+
+def test_a_setting_added_later_at_its_default_does_not_refuse_stored_studies(small):
+    from hidlr_hpo.study import check_budgets
+
+    _, cfg = small
+    run_study(cfg, show_progress=False, tracking=False)
+    study, _ = trials(cfg, "tpe")
+    stored = study.user_attrs["fingerprint"]
+    older = {**stored, "method": {k: v for k, v in stored["method"].items() if k != "checks_per_epoch"}}
+    study.set_user_attr("fingerprint", older)  # as made by a version without the setting
+    check_budgets(cfg, cfg.storage)  # accepted: the setting is at its default
+    study.set_user_attr("fingerprint", {**stored, "method": {**stored["method"], "checks_per_epoch": 3}})
+    with pytest.raises(
+        ValueError, match=r"'small/tpe/seed0' run with other settings \(method.checks_per_epoch 3 -> default\)"
+    ):
+        check_budgets(cfg, cfg.storage)
