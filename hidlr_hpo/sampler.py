@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import optuna
 import torch
 from optuna.distributions import BaseDistribution, FloatDistribution
 from optuna.samplers import BaseSampler, RandomSampler
@@ -31,8 +32,14 @@ from .curvature import QuadraticFit, check_mode, fit_quadratic, make_design, n_u
 
 __all__ = ["HiDLRSampler"]
 
+_logger = optuna.logging.get_logger(__name__)
+
 _PREFIX = "hidlr:"
-_HELD = (TrialState.RUNNING, TrialState.WAITING, TrialState.COMPLETE)
+# A design point is taken while a trial holds it, and used up once its trial has finished in any way: a
+# failed or pruned point is scored as bad (see _scores) instead of asked again, so a region that always
+# fails cannot stall the rounds.
+_HELD = (TrialState.RUNNING, TrialState.WAITING, TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
+_FINISHED = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
 _MIN_RADIUS = 1e-8
 _MAX_RADIUS = 0.5
 
@@ -60,8 +67,10 @@ class HiDLRSampler(BaseSampler):
         -3.363636
 
     Integer, stepped and categorical parameters are sampled by ``independent_sampler`` (random by default),
-    as Optuna's own relative samplers do. Failed and pruned trials (a NaN objective fails a trial) do not
-    enter the fit; their design points are asked again.
+    as Optuna's own relative samplers do. A failed or pruned trial (a NaN objective fails a trial) uses up
+    its design point and enters the next round's choice as worse than every finished one, so the rounds move
+    away from a region that fails. A trial that does not suggest every modelled parameter (a conditional
+    space) is left out of the fit.
 
     Args:
         search_space: the continuous parameters to model. None infers them as the intersection of the
@@ -73,6 +82,8 @@ class HiDLRSampler(BaseSampler):
         radius: the first round's radius as a fraction of each normalised range.
         seed: seeds the random points and the independent sampler.
         independent_sampler: samples what the model does not cover.
+        warn_independent_sampling: warn, once per parameter, when a parameter goes to the independent
+            sampler (as Optuna's CMA-ES and GP samplers do).
     """
 
     def __init__(
@@ -85,7 +96,10 @@ class HiDLRSampler(BaseSampler):
         radius: float = 0.25,
         seed: int | None = None,
         independent_sampler: BaseSampler | None = None,
+        warn_independent_sampling: bool = True,
     ) -> None:
+        self._warn_independent = warn_independent_sampling
+        self._warned: set[str] = set()
         self._mode = check_mode(mode)
         self._design = design if design is not None else ("pairwise" if mode == "full" else "axial")
         if not (0 < radius <= _MAX_RADIUS):
@@ -138,18 +152,49 @@ class HiDLRSampler(BaseSampler):
         trials = [t for t in study._get_trials(deepcopy=False, use_cache=True) if self._in_space(t, names)]
         round_, center, radius = self._current_round(study, trials, space)
         design = self._design_points(len(names))
-        members = [t for t in trials if t.system_attrs[_PREFIX + "round"] == round_]
-        held = {t.system_attrs[_PREFIX + "index"] for t in members if t.state in _HELD and t.number != trial.number}
-        free = [i for i in range(len(design)) if i not in held]
-        if free:
-            index, offset = free[0], design[free[0]]
-        elif all(
-            any(t.system_attrs[_PREFIX + "index"] == i and t.state == TrialState.COMPLETE for t in members)
-            for i in range(len(design))
-        ):
-            round_, center, radius = self._next_round(study, members, space, round_, center, radius)
-            index, offset = 0, design[0]
-        else:  # every design point is held, some still running: add a random point to this round's fit
+        for _ in range(1000):  # a few rounds at most: each one moves on or stops
+            members = [t for t in trials if t.system_attrs[_PREFIX + "round"] == round_]
+            # Design points that clipping to the unit cube makes equal are one point: asked once.
+            points = np.clip(center + radius * design, 0.0, 1.0)
+            same = [
+                next(j for j in range(i + 1) if np.allclose(points[j], p, rtol=0.0, atol=1e-12))
+                for i, p in enumerate(points)
+            ]
+
+            def point(index: int, same: list[int] = same) -> int:
+                return same[index] if index < len(same) else index  # beyond the design: an added random point
+
+            held = {
+                point(t.system_attrs[_PREFIX + "index"])
+                for t in members
+                if t.state in _HELD and t.number != trial.number
+            }
+            finished = {point(t.system_attrs[_PREFIX + "index"]) for t in members if t.state in _FINISHED}
+            # A point an earlier round already evaluated (the best point becomes the next centre; a clipped point
+            # recurs at the cube's edge) is not asked again: its trial joins this round's fit.
+            borrowed = []
+            for t in trials:
+                if t.state not in _FINISHED or t.system_attrs[_PREFIX + "round"] == round_:
+                    continue
+                if not all(n in t.params for n in names):
+                    continue
+                u_t = np.array([self._to_unit(space[n], t.params[n]) for n in names])
+                for i in range(len(design)):
+                    if same[i] == i and i not in finished and np.allclose(points[i], u_t, rtol=0.0, atol=1e-12):
+                        held.add(i)
+                        finished.add(i)
+                        borrowed.append(t)
+            free = [i for i in range(len(design)) if same[i] == i and i not in held]
+            if free:
+                index, offset = free[0], design[free[0]]
+            elif all(same[i] in finished for i in range(len(design))):
+                round_, center, radius = self._next_round(study, [*members, *borrowed], space, round_, center, radius)
+                continue  # the new round's points, checked against what earlier rounds evaluated
+            else:  # every design point is held, some still running: add a random point to this round's fit
+                index = len(design) + len(members)
+                offset = self._rng.uniform(-1.0, 1.0, size=len(names))
+            break
+        else:  # every round's points were known already (a collapsed box): a random point in it
             index = len(design) + len(members)
             offset = self._rng.uniform(-1.0, 1.0, size=len(names))
         u = np.clip(center + radius * np.asarray(offset, dtype=float), 0.0, 1.0)
@@ -168,7 +213,19 @@ class HiDLRSampler(BaseSampler):
         self, study: Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution
     ) -> Any:
         self._raise_if_multi_objective(study)
+        if self._warn_independent and param_name not in self._warned and self._modelled_before(study):
+            self._warned.add(param_name)
+            _logger.warning(
+                f"HiDLRSampler samples {param_name!r} with its independent sampler "
+                f"({type(self._independent).__name__}): it is not a continuous parameter in every trial's "
+                "space. Pass search_space= to fix what is modelled, or warn_independent_sampling=False."
+            )
         return self._independent.sample_independent(study, trial, param_name, param_distribution)
+
+    @staticmethod
+    def _modelled_before(study: Study) -> bool:
+        """Whether the study has finished trials (the first trial's parameters are all independent)."""
+        return any(t.state.is_finished() for t in study._get_trials(deepcopy=False, use_cache=True))
 
     # -- the model ----------------------------------------------------------------------------------------
     def fit(self, study: Study, round_: int | None = None) -> QuadraticFit:
@@ -187,7 +244,7 @@ class HiDLRSampler(BaseSampler):
         rounds = sorted({t.system_attrs[_PREFIX + "round"] for t in trials}, reverse=True)
         for r in rounds if round_ is None else [round_]:
             members = [t for t in trials if t.system_attrs[_PREFIX + "round"] == r]
-            done = [t for t in members if t.state == TrialState.COMPLETE]
+            done = [t for t in members if t.state == TrialState.COMPLETE and all(n in t.params for n in names)]
             if len(done) >= n_unknowns(len(names), self._mode):
                 x = np.array([[self._to_unit(space[n], t.params[n]) for n in names] for t in done])
                 y = self._minimised(study, done)
@@ -209,7 +266,10 @@ class HiDLRSampler(BaseSampler):
     ) -> tuple[int, np.ndarray, float]:
         """Centre the next round on the model's minimiser within this round's box."""
         names = list(space)
-        done = [t for t in members if t.state == TrialState.COMPLETE]
+        done = [t for t in members if t.state == TrialState.COMPLETE and all(n in t.params for n in names)]
+        if not done:
+            # The whole round failed: nothing says where to go but away. Restart at a random centre.
+            return round_ + 1, self._rng.uniform(0.0, 1.0, size=len(names)), self._radius0
         offsets = np.array(
             [
                 [(self._to_unit(space[n], t.params[n]) - c) / radius for n, c in zip(names, center, strict=True)]
@@ -218,8 +278,11 @@ class HiDLRSampler(BaseSampler):
         )
         y = self._minimised(study, done)
         step = offsets[int(np.argmin(y))]  # the best point seen, unless the model predicts better
-        fit = fit_quadratic(torch.as_tensor(offsets), torch.as_tensor(y), self._mode)
-        if fit.is_finite:
+        if len(done) < n_unknowns(len(names), self._mode):  # too few points for the model: go to the best
+            fit = None
+        else:
+            fit = fit_quadratic(torch.as_tensor(offsets), torch.as_tensor(y), self._mode)
+        if fit is not None and fit.is_finite:
             # Candidates in the box: the clipped model minimiser, the probed points, the box's corners.
             minimiser = solve(fit)
             candidates = [np.clip(minimiser.numpy(), -1.0, 1.0)] if torch.isfinite(minimiser).all() else []

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import logging
 import math
+from collections import Counter
 
 import numpy as np
 import optuna
@@ -87,26 +89,19 @@ def test_maximize_direction():
     assert study.best_params["x"] == pytest.approx(1.2, abs=1e-9)
 
 
-def test_failed_and_nan_trials_are_left_out_and_their_points_asked_again():
+def test_a_failed_or_pruned_point_is_used_up_and_scored_as_bad():
     space = {"x": FloatDistribution(-4, 4), "y": FloatDistribution(-4, 4)}
     study = optuna.create_study(sampler=HiDLRSampler(search_space=space, seed=0))
-    first = study.ask()
-    first.suggest_float("x", -4, 4)
-    first.suggest_float("y", -4, 4)
+    first = study.ask(space)
     study.tell(first, state=TrialState.FAIL)
-    again = study.ask()
-    assert again.suggest_float("x", -4, 4) == first.params["x"]  # the model's parameters are sampled together
-    assert attrs(study, again)["hidlr:index"] == attrs(study, first)["hidlr:index"] == 0
+    second = study.ask(space)
+    assert attrs(study, first)["hidlr:index"] == 0 and attrs(study, second)["hidlr:index"] == 1  # moved on
     with pytest.warns(UserWarning, match="nan is not acceptable"):
-        study.tell(again, float("nan"))  # Optuna fails a NaN objective
-    assert study.trials[-1].state == TrialState.FAIL
-    pruned = study.ask()
-    assert pruned.suggest_float("x", -4, 4) == first.params["x"]
-    study.tell(pruned, state=TrialState.PRUNED)
-    retry = study.ask(space)
-    assert attrs(study, retry)["hidlr:index"] == 0  # asked again
-    study.tell(retry, (retry.params["x"] - 1) ** 2 + (retry.params["y"] + 1) ** 2)
-
+        study.tell(second, float("nan"))  # Optuna fails a NaN objective
+    third = study.ask(space)
+    study.tell(third, state=TrialState.PRUNED)
+    assert attrs(study, third)["hidlr:index"] == 2
+    # With a few failures the search still finds the minimum of a quadratic.
     calls = []
 
     def objective(trial):
@@ -114,8 +109,54 @@ def test_failed_and_nan_trials_are_left_out_and_their_points_asked_again():
         calls.append(1)
         return float("nan") if len(calls) == 3 else (x - 1) ** 2 + (y + 1) ** 2
 
-    study.optimize(objective, n_trials=9)
-    assert study.best_value == pytest.approx(0.0, abs=1e-9)
+    study.optimize(objective, n_trials=25)
+    assert study.best_value < 1e-3
+
+
+def test_a_region_that_always_fails_does_not_stall_the_rounds():
+    def objective(trial):
+        x, y = trial.suggest_float("x", -4, 4), trial.suggest_float("y", -4, 4)
+        if x > 2.0:
+            raise RuntimeError("diverged")  # a region where training always fails
+        return (x - 1.5) ** 2 + (y + 1) ** 2
+
+    study = optuna.create_study(sampler=HiDLRSampler(seed=0, radius=0.5, x0={"x": 3.0, "y": 0.0}))
+    study.optimize(objective, n_trials=40, catch=(RuntimeError,))
+    failed = [t for t in study.trials if t.state == TrialState.FAIL]
+    asked = Counter(tuple(t.params.values()) for t in failed)
+    assert max(asked.values()) <= 2  # a failing point is not asked again and again (29 of 30 times, before)
+    assert len(failed) < 20
+    assert study.best_value < 0.05  # near the minimum at the edge of the failing region
+
+
+def test_conditional_parameters_are_left_out_of_the_fit_and_warned_about_once(caplog):
+    space = {"x": FloatDistribution(-4, 4), "y": FloatDistribution(-4, 4)}
+
+    def objective(trial):
+        x = trial.suggest_float("x", -4, 4)
+        y = trial.suggest_float("y", -4, 4) if x < 1.0 else 0.0  # y exists only for some x
+        trial.suggest_categorical("act", ["relu", "tanh"])
+        return (x - 0.5) ** 2 + (y + 1) ** 2
+
+    study = optuna.create_study(sampler=HiDLRSampler(search_space=space, seed=0))
+    optuna.logging.enable_propagation()
+    try:
+        with caplog.at_level(logging.WARNING):
+            study.optimize(objective, n_trials=30)  # used to raise KeyError when a round ended
+    finally:
+        optuna.logging.disable_propagation()
+    assert len(study.trials) == 30 and study.best_value < 0.05
+    warned = [r for r in caplog.records if "independent sampler" in r.getMessage()]
+    assert len(warned) == 1 and "'act'" in warned[0].getMessage()
+    quiet = optuna.create_study(sampler=HiDLRSampler(search_space=space, seed=0, warn_independent_sampling=False))
+    caplog.clear()
+    optuna.logging.enable_propagation()
+    try:
+        with caplog.at_level(logging.WARNING):
+            quiet.optimize(objective, n_trials=5)
+    finally:
+        optuna.logging.disable_propagation()
+    assert not [r for r in caplog.records if "independent sampler" in r.getMessage()]
 
 
 def test_workers_on_one_sqlite_storage_share_the_round(tmp_path):
