@@ -21,13 +21,14 @@ import contextlib
 import functools
 import json
 import os
+import random
 import socket
 import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import optuna
 import sqlalchemy.engine
@@ -49,6 +50,8 @@ __all__ = [
     "queue_key",
     "run_claimed",
 ]
+
+_T = TypeVar("_T")
 
 #: how often a running trial's worker records that it is alive (RDB storages)
 HEARTBEAT_SECONDS = 10
@@ -112,9 +115,21 @@ def key_of(trial: FrozenTrial) -> str:
 
 def enqueue(study: optuna.Study, params: dict[str, Any], key: str) -> None:
     """Add a WAITING trial that will run ``params`` (as ``study.enqueue_trial``), tagged with its key."""
-    study.add_trial(
-        create_trial(state=TrialState.WAITING, system_attrs={"fixed_params": params}, user_attrs={_KEY: key})
-    )
+    waiting = create_trial(state=TrialState.WAITING, system_attrs={"fixed_params": params}, user_attrs={_KEY: key})
+    _retrying(lambda: study.add_trial(waiting))
+
+
+def _retrying(call: Callable[[], _T]) -> _T:
+    """``call()``, again after a moment when the database reports a conflict (SQLite's "database is locked"
+    when two workers' transactions cross; Optuna retries its own trial creation the same way)."""
+    for attempt in range(8):
+        try:
+            return call()
+        except optuna.exceptions.StorageInternalError:
+            if attempt == 7:
+                raise
+            time.sleep(random.random() * (0.5 + attempt))
+    raise AssertionError("unreachable")
 
 
 def claim(study: optuna.Study, wanted: Callable[[str], bool] = lambda key: True) -> optuna.Trial | None:
@@ -126,16 +141,19 @@ def claim(study: optuna.Study, wanted: Callable[[str], bool] = lambda key: True)
     """
     storage = study._storage
     for trial in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        trial_id = trial._trial_id
         if not wanted(key_of(trial)):
             with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-                storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+                _retrying(lambda trial_id=trial_id: storage.set_trial_state_values(trial_id, state=TrialState.FAIL))
             continue
         try:
-            if not storage.set_trial_state_values(trial._trial_id, state=TrialState.RUNNING):
+            if not _retrying(
+                lambda trial_id=trial_id: storage.set_trial_state_values(trial_id, state=TrialState.RUNNING)
+            ):
                 continue
         except optuna.exceptions.UpdateFinishedTrialError:
             continue
-        storage.set_trial_user_attr(trial._trial_id, _OWNER, _this_worker())
+        _retrying(lambda trial_id=trial_id: storage.set_trial_user_attr(trial_id, _OWNER, _this_worker()))
         return optuna.Trial(study, trial._trial_id)
     return None
 
@@ -175,7 +193,7 @@ def fail_stale(study: optuna.Study) -> list[FrozenTrial]:
     failed = []
     for trial_id in sorted(stale_ids):
         try:
-            if storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+            if _retrying(lambda trial_id=trial_id: storage.set_trial_state_values(trial_id, state=TrialState.FAIL)):
                 failed.append(storage.get_trial(trial_id))
         except optuna.exceptions.UpdateFinishedTrialError:
             pass  # another worker failed it first
@@ -191,13 +209,13 @@ def run_claimed(study: optuna.Study, trial: optuna.Trial, objective: Callable[[o
         try:
             value = objective(trial)
         except optuna.TrialPruned:
-            return study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
+            return _retrying(lambda: study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True))
         except Exception:
-            return study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+            return _retrying(lambda: study.tell(trial, state=TrialState.FAIL, skip_if_finished=True))
         except BaseException:
-            study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+            _retrying(lambda: study.tell(trial, state=TrialState.FAIL, skip_if_finished=True))
             raise
-    return study.tell(trial, value, skip_if_finished=True)
+    return _retrying(lambda: study.tell(trial, value, skip_if_finished=True))
 
 
 @contextlib.contextmanager

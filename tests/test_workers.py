@@ -69,13 +69,13 @@ def _hidlr(path: Path, *args: str, tracking: str | None = None) -> subprocess.Po
     )
 
 
-def _trials(path: Path) -> dict[str, list[optuna.trial.FrozenTrial]]:
+def _trials(path: Path, seed: int = 0) -> dict[str, list[optuna.trial.FrozenTrial]]:
     cfg = load_study_config(path)
     storage = open_storage(cfg.storage)
     out = {}
     for method in cfg.methods:
         try:
-            study = optuna.load_study(study_name=optuna_study_name(cfg, method, 0), storage=storage)
+            study = optuna.load_study(study_name=optuna_study_name(cfg, method, seed), storage=storage)
         except KeyError:
             out[method.name] = []
             continue
@@ -109,10 +109,10 @@ def _kill_while_running(
     raise AssertionError("no trial was running in time")
 
 
-def _assert_complete_once(path: Path) -> Counter:
+def _assert_complete_once(path: Path, seed: int = 0) -> Counter:
     """Each grid value and the single run: exactly one COMPLETE trial; the search: exactly its 3 steps; no
     trial WAITING or RUNNING. Returns the count of trials by state."""
-    trials = _trials(path)
+    trials = _trials(path, seed)
     states = Counter(t.state for ts in trials.values() for t in ts)
     assert states[TrialState.WAITING] == 0 and states[TrialState.RUNNING] == 0, states
     grid = Counter(t.params["lr"] for t in trials["grid"] if t.state == TrialState.COMPLETE)
@@ -185,13 +185,16 @@ def test_two_workers_share_one_study(tmp_path, kind, request):
         "postgresql": lambda: request.getfixturevalue("postgres_url"),  # a real server, or skipped
     }[kind]()
     path = _write(tmp_path, storage, epochs=3)
+    path.write_text(path.read_text().replace("seeds = [0]", "seeds = [0, 1]"))  # long enough to share
     workers = [_hidlr(path), _hidlr(path)]
     outputs = [w.communicate(timeout=300)[0] for w in workers]
     assert [w.returncode for w in workers] == [0, 0], outputs
-    _assert_complete_once(path)
-    trained = [(m, t) for m, ts in _trials(path).items() for t in ts if "compute" in t.user_attrs]
-    assert len(trained) == len({(m, t.user_attrs["queue_key"]) for m, t in trained})  # none trained twice
-    owners = {t.user_attrs["owner"] for _, t in trained}
+    owners = set()
+    for seed in (0, 1):
+        _assert_complete_once(path, seed)
+        trained = [(m, t) for m, ts in _trials(path, seed).items() for t in ts if "compute" in t.user_attrs]
+        assert len(trained) == len({(m, t.user_attrs["queue_key"]) for m, t in trained})  # none trained twice
+        owners |= {t.user_attrs["owner"] for _, t in trained}
     assert len(owners) == 2  # both workers trained some
 
 
