@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -98,6 +99,7 @@ class HiDLRSampler(BaseSampler):
         independent_sampler: BaseSampler | None = None,
         warn_independent_sampling: bool = True,
     ) -> None:
+        self._lock = threading.Lock()  # study.optimize(n_jobs=...): one thread claims a design point at a time
         self._warn_independent = warn_independent_sampling
         self._warned: set[str] = set()
         self._mode = check_mode(mode)
@@ -125,6 +127,15 @@ class HiDLRSampler(BaseSampler):
         self._independent = independent_sampler or RandomSampler(seed=seed)
         self._intersection = IntersectionSearchSpace()
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        del state["_lock"]  # a lock does not pickle; a copy gets its own
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def reseed_rng(self) -> None:
         self._rng.seed()
         self._independent.reseed_rng()
@@ -149,62 +160,66 @@ class HiDLRSampler(BaseSampler):
             return params
 
         names = list(space)
-        trials = [t for t in study._get_trials(deepcopy=False, use_cache=True) if self._in_space(t, names)]
-        round_, center, radius = self._current_round(study, trials, space)
-        design = self._design_points(len(names))
-        for _ in range(1000):  # a few rounds at most: each one moves on or stops
-            members = [t for t in trials if t.system_attrs[_PREFIX + "round"] == round_]
-            # Design points that clipping to the unit cube makes equal are one point: asked once.
-            points = np.clip(center + radius * design, 0.0, 1.0)
-            same = [
-                next(j for j in range(i + 1) if np.allclose(points[j], p, rtol=0.0, atol=1e-12))
-                for i, p in enumerate(points)
-            ]
+        # Choosing a design point and recording the choice is one step, so threads never take the same one.
+        with self._lock:
+            trials = [t for t in study._get_trials(deepcopy=False, use_cache=False) if self._in_space(t, names)]
+            round_, center, radius = self._current_round(study, trials, space)
+            design = self._design_points(len(names))
+            for _ in range(1000):  # a few rounds at most: each one moves on or stops
+                members = [t for t in trials if t.system_attrs[_PREFIX + "round"] == round_]
+                # Design points that clipping to the unit cube makes equal are one point: asked once.
+                points = np.clip(center + radius * design, 0.0, 1.0)
+                same = [
+                    next(j for j in range(i + 1) if np.allclose(points[j], p, rtol=0.0, atol=1e-12))
+                    for i, p in enumerate(points)
+                ]
 
-            def point(index: int, same: list[int] = same) -> int:
-                return same[index] if index < len(same) else index  # beyond the design: an added random point
+                def point(index: int, same: list[int] = same) -> int:
+                    return same[index] if index < len(same) else index  # beyond the design: an added random point
 
-            held = {
-                point(t.system_attrs[_PREFIX + "index"])
-                for t in members
-                if t.state in _HELD and t.number != trial.number
-            }
-            finished = {point(t.system_attrs[_PREFIX + "index"]) for t in members if t.state in _FINISHED}
-            # A point an earlier round already evaluated (the best point becomes the next centre; a clipped point
-            # recurs at the cube's edge) is not asked again: its trial joins this round's fit.
-            borrowed = []
-            for t in trials:
-                if t.state not in _FINISHED or t.system_attrs[_PREFIX + "round"] == round_:
-                    continue
-                if not all(n in t.params for n in names):
-                    continue
-                u_t = np.array([self._to_unit(space[n], t.params[n]) for n in names])
-                for i in range(len(design)):
-                    if same[i] == i and i not in finished and np.allclose(points[i], u_t, rtol=0.0, atol=1e-12):
-                        held.add(i)
-                        finished.add(i)
-                        borrowed.append(t)
-            free = [i for i in range(len(design)) if same[i] == i and i not in held]
-            if free:
-                index, offset = free[0], design[free[0]]
-            elif all(same[i] in finished for i in range(len(design))):
-                round_, center, radius = self._next_round(study, [*members, *borrowed], space, round_, center, radius)
-                continue  # the new round's points, checked against what earlier rounds evaluated
-            else:  # every design point is held, some still running: add a random point to this round's fit
+                held = {
+                    point(t.system_attrs[_PREFIX + "index"])
+                    for t in members
+                    if t.state in _HELD and t.number != trial.number
+                }
+                finished = {point(t.system_attrs[_PREFIX + "index"]) for t in members if t.state in _FINISHED}
+                # A point an earlier round already evaluated (the best point becomes the next centre; a clipped point
+                # recurs at the cube's edge) is not asked again: its trial joins this round's fit.
+                borrowed = []
+                for t in trials:
+                    if t.state not in _FINISHED or t.system_attrs[_PREFIX + "round"] == round_:
+                        continue
+                    if not all(n in t.params for n in names):
+                        continue
+                    u_t = np.array([self._to_unit(space[n], t.params[n]) for n in names])
+                    for i in range(len(design)):
+                        if same[i] == i and i not in finished and np.allclose(points[i], u_t, rtol=0.0, atol=1e-12):
+                            held.add(i)
+                            finished.add(i)
+                            borrowed.append(t)
+                free = [i for i in range(len(design)) if same[i] == i and i not in held]
+                if free:
+                    index, offset = free[0], design[free[0]]
+                elif all(same[i] in finished for i in range(len(design))):
+                    round_, center, radius = self._next_round(
+                        study, [*members, *borrowed], space, round_, center, radius
+                    )
+                    continue  # the new round's points, checked against what earlier rounds evaluated
+                else:  # every design point is held, some still running: add a random point to this round's fit
+                    index = len(design) + len(members)
+                    offset = self._rng.uniform(-1.0, 1.0, size=len(names))
+                break
+            else:  # every round's points were known already (a collapsed box): a random point in it
                 index = len(design) + len(members)
                 offset = self._rng.uniform(-1.0, 1.0, size=len(names))
-            break
-        else:  # every round's points were known already (a collapsed box): a random point in it
-            index = len(design) + len(members)
-            offset = self._rng.uniform(-1.0, 1.0, size=len(names))
-        u = np.clip(center + radius * np.asarray(offset, dtype=float), 0.0, 1.0)
+            u = np.clip(center + radius * np.asarray(offset, dtype=float), 0.0, 1.0)
 
-        storage = study._storage
-        storage.set_trial_system_attr(trial._trial_id, _PREFIX + "round", round_)
-        storage.set_trial_system_attr(trial._trial_id, _PREFIX + "index", int(index))
-        storage.set_trial_system_attr(trial._trial_id, _PREFIX + "center", [float(c) for c in center])
-        storage.set_trial_system_attr(trial._trial_id, _PREFIX + "radius", float(radius))
-        storage.set_trial_system_attr(trial._trial_id, _PREFIX + "names", names)
+            storage = study._storage
+            storage.set_trial_system_attr(trial._trial_id, _PREFIX + "round", round_)
+            storage.set_trial_system_attr(trial._trial_id, _PREFIX + "index", int(index))
+            storage.set_trial_system_attr(trial._trial_id, _PREFIX + "center", [float(c) for c in center])
+            storage.set_trial_system_attr(trial._trial_id, _PREFIX + "radius", float(radius))
+            storage.set_trial_system_attr(trial._trial_id, _PREFIX + "names", names)
         for name, ui in zip(names, u, strict=True):
             params[name] = self._from_unit(space[name], float(ui))
         return params

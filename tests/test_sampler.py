@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import logging
 import math
+import pickle
 from collections import Counter
 
 import numpy as np
@@ -202,3 +203,20 @@ def test_bad_arguments_are_rejected():
         HiDLRSampler(search_space={"x": FloatDistribution(0, 1)}, x0={"x": 3.0})
     with pytest.raises(ValueError, match="mode must be one of"):
         HiDLRSampler(mode="quadratic")
+
+
+def test_threads_of_one_study_never_take_the_same_design_point():
+    space = {"x": FloatDistribution(-4, 4), "y": FloatDistribution(-4, 4)}
+    sampler = HiDLRSampler(search_space=space, seed=0)
+    study = optuna.create_study(sampler=sampler)
+
+    def objective(trial):
+        return (trial.suggest_float("x", -4, 4) - 1) ** 2 + (trial.suggest_float("y", -4, 4) + 1) ** 2
+
+    study.optimize(objective, n_trials=40, n_jobs=4)  # an instant objective: the threads race (23 repeats before)
+    claims = Counter((attrs(study, t)["hidlr:round"], attrs(study, t)["hidlr:index"]) for t in study.trials)
+    assert max(claims.values()) == 1
+    points = Counter(tuple(t.params.values()) for t in study.trials)
+    assert max(points.values()) == 1
+    assert study.best_value < 1e-9
+    assert pickle.loads(pickle.dumps(sampler))._lock is not sampler._lock  # copies get their own lock
