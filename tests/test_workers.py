@@ -254,10 +254,15 @@ def test_ui_stops_its_server_on_sigterm(tmp_path):
             assert ui.poll() is None
             time.sleep(0.5)
     ui.send_signal(signal.SIGTERM)
-    assert ui.wait(timeout=30) == 0
-    time.sleep(1)
-    with pytest.raises(OSError):
-        urllib.request.urlopen(url, timeout=2)
+    assert ui.wait(timeout=60) == 0
+    deadline = time.monotonic() + 30  # the server's workers may take a moment to exit on a loaded machine
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+        except OSError:
+            break  # the port is closed: nothing outlived hidlr ui
+        assert time.monotonic() < deadline, "the MLflow server still answers after hidlr ui stopped"
+        time.sleep(0.5)
 
 
 def test_workers_option_runs_helpers_with_one_display(tmp_path):
