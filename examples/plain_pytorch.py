@@ -45,6 +45,7 @@ def main(epochs: int = 20, compile_model: bool = False, device: str = "cpu", ver
             net.eval()
             val_loss = sum(float(loss_fn(net, b)) * len(b[1]) for b in val_loader) / len(task.val)
             net.train()
+        hidlr.report_validation(val_loss)  # the plateau guard: halves the rates if the validation loss rises
         if verbose:
             rates = ", ".join(f"{n}={lr:.2e}" for n, lr in zip(hidlr.group_names, hidlr.lrs(), strict=True))
             print(f"epoch {epoch + 1:>3}  val loss {val_loss:.4f}  rates {rates}", flush=True)

@@ -118,10 +118,13 @@ class HiDLR(torch.optim.Optimizer):
         >>> validation = [(torch.randn(32, 4), torch.randn(32, 1))]  # any iterable of batches, or a callable
         >>> opt = torch.optim.AdamW(group_parameters(model, "layer"), lr=1e-3)
         >>> hidlr = HiDLR(opt, model, loss_fn, probes=validation, total_steps=10, interval=5)
-        >>> for _ in range(10):
-        ...     loss_fn(model, (x, y)).backward()
-        ...     hidlr.step()  # draws a probe batch when a refit is due
-        ...     hidlr.zero_grad()
+        >>> for epoch in range(2):
+        ...     for _ in range(5):
+        ...         loss_fn(model, (x, y)).backward()
+        ...         hidlr.step()  # draws a probe batch when a refit is due
+        ...         hidlr.zero_grad()
+        ...     with torch.no_grad():  # once per epoch: the plateau guard cuts the rates if this rises
+        ...         cut = hidlr.report_validation(loss_fn(model, validation[0]))
         >>> len(hidlr.history), hidlr.last_fit.step
         (2, 5)
 
@@ -160,8 +163,19 @@ class HiDLR(torch.optim.Optimizer):
         trust_ratio: new rate within [eta / r, eta * r] of the previous one (None: off).
         smoothing: eta <- s * eta_prev + (1 - s) * eta_new (0: off); ``smooth_decreases=False`` smooths only
             increases, so a decrease within the trust region applies at once.
-        smoothing_bias_correction, log_smoothing, smooth_decreases, believable_ratio: see
+        smoothing_bias_correction, log_smoothing, smooth_decreases: see
             :class:`~hidlr_hpo.curvature.Safeguards`.
+        believable_ratio: a proposal within [eta / R, eta * R] of the current rate is taken without
+            smoothing (near the probed range the model interpolates), so the rates climb quickly where the
+            fit says so; the plateau guard (:meth:`report_validation`) brakes what the climb overshoots, so
+            report a validation loss once per epoch (warned when none has come in half the planned steps).
+            None: every proposal smoothed (the defaults before 2026-12-02).
+        plateau_factor, plateau_threshold, plateau_patience, plateau_jump: the plateau guard of
+            :meth:`report_validation`: a reported validation loss more than ``plateau_threshold``
+            (relative) above the best since the last cut is a rise; on more than ``plateau_patience`` rises
+            in a row, or one rise above ``plateau_jump`` (a divergence), every multiplier is multiplied by
+            ``plateau_factor`` and later refits may not raise it above that. ``plateau_factor=None``:
+            reports are recorded, nothing is cut.
         min_r2: reject fits whose R^2 is below this (None: off).
         lr_bounds: absolute (lr_min, lr_max) (None: off).
         nondescent_shrink: factor applied to a group's rate when its direction does not descend (1: keep).
@@ -207,7 +221,11 @@ class HiDLR(torch.optim.Optimizer):
         smoothing_bias_correction: bool = False,
         log_smoothing: bool = False,
         smooth_decreases: bool = True,
-        believable_ratio: float | None = None,
+        believable_ratio: float | None = 4.0,
+        plateau_factor: float | None = 0.5,
+        plateau_threshold: float = 0.02,
+        plateau_patience: int = 1,
+        plateau_jump: float | None = 0.2,
         min_r2: float | None = None,
         lr_bounds: tuple[float, float] | None = (1e-8, 10.0),
         nondescent_shrink: float = 1.0,
@@ -298,6 +316,23 @@ class HiDLR(torch.optim.Optimizer):
         self.horizon = total_steps
         self.measure_realised = measure_realised
         self.history_size = history_size
+        if plateau_factor is not None and not (0.0 < plateau_factor <= 1.0):
+            raise ValueError(
+                f"plateau_factor must be None or in (0, 1] (1: cap without cutting), got {plateau_factor!r}"
+            )
+        if not (plateau_threshold >= 0.0 and math.isfinite(plateau_threshold)):
+            raise ValueError(f"plateau_threshold must be a finite relative margin >= 0, got {plateau_threshold!r}")
+        if isinstance(plateau_patience, bool) or not isinstance(plateau_patience, int) or plateau_patience < 0:
+            raise ValueError(
+                f"plateau_patience must be an int >= 0 (rises tolerated in a row), got {plateau_patience!r}"
+            )
+        if plateau_jump is not None and not (plateau_jump >= plateau_threshold and math.isfinite(plateau_jump)):
+            raise ValueError(
+                f"plateau_jump must be None or a relative margin >= plateau_threshold, got {plateau_jump!r}"
+            )
+        self.plateau_factor, self.plateau_threshold = plateau_factor, float(plateau_threshold)
+        self.plateau_patience = plateau_patience
+        self.plateau_jump = plateau_jump
         self.guards = Safeguards(
             min_r2=min_r2,
             trust_ratio=trust_ratio,
@@ -344,6 +379,10 @@ class HiDLR(torch.optim.Optimizer):
         self.diagnostic_seconds = 0.0  # and the time they took (not the method's cost)
         self._last_applied: list[float] | None = None  # the rates the last step used
         self._warned: set[str] = set()
+        self.best_validation: float | None = None  # the lowest loss reported since the last plateau cut
+        self.ceiling: torch.Tensor | None = None  # multipliers may not rise above this after a plateau cut
+        self.plateau_cuts: list[int] = []  # the steps at which the plateau guard cut the rates
+        self.bad_reports = 0  # consecutive reports above the best (plus threshold)
         if slope == "gradient":  # last: nothing above can fail and leave a hook behind
             self._hooks = _register_grad_hooks(self, [p for g in optimizer.param_groups for p in g["params"]])
 
@@ -439,6 +478,8 @@ class HiDLR(torch.optim.Optimizer):
                 "so its rates have not been refitted; pass one to step() when hidlr.refit_due is True.",
             )
         refit = probe_batch is not None and due and moving
+        if refit and self.best_validation is None and self.plateau_factor is not None:
+            self._warn_if_unguarded()
         if refit and self.slope == "gradient":
             self._check_gradient_function()
             if closure is None:
@@ -468,6 +509,58 @@ class HiDLR(torch.optim.Optimizer):
             if stepped:  # the optimizer's state advanced: so does HiDLR's count, whatever the probes did
                 self.step_count += 1
         return loss
+
+    def _warn_if_unguarded(self) -> None:
+        """Warn once when half the planned steps (or 1000 without a horizon) passed without a validation
+        report: the fast climb of believable proposals then runs without its brake."""
+        if self.guards.believable_ratio is None or self.step_count < (self.horizon // 2 if self.horizon else 1000):
+            return
+        self._warn_once(
+            "unguarded",
+            f"HiDLR has had no validation loss after {self.step_count} steps: its rates climb quickly "
+            f"(believable_ratio={self.guards.believable_ratio:g}) and rely on report_validation(val_loss), "
+            "called once per epoch, to cut them when the validation loss rises. Call it, or pass "
+            "believable_ratio=None for the slower, smoothed climb.",
+        )
+
+    def report_validation(self, loss: float) -> bool:
+        """Report a validation loss (once per epoch, say, on the whole validation split); returns whether
+        the plateau guard cut the rates.
+
+        The fitted objective is the next loss on one probe batch: too short and too noisy to see overfitting
+        or a divergence. The validation loss sees both. A report more than ``plateau_threshold`` (relative)
+        above the best since the last cut is a rise; after more than ``plateau_patience`` rises in a row
+        (one rise on a small validation split can be noise), or at once for a rise above ``plateau_jump``,
+        every multiplier is multiplied by ``plateau_factor`` and capped there: as ReduceLROnPlateau, plus a
+        ceiling for the refits. The best is then restarted from the report that caused the cut, so that a
+        lucky early epoch does not make every later one a rise. A non-finite loss is ignored (no cut on a
+        NaN evaluation).
+        """
+        if isinstance(loss, torch.Tensor):
+            loss = float(loss.detach())
+        if isinstance(loss, bool) or not isinstance(loss, (int, float)):
+            raise TypeError(f"report_validation takes a float loss, got {type(loss).__name__}")
+        loss = float(loss)
+        if not math.isfinite(loss):
+            return False
+        best = self.best_validation
+        if best is None or loss < best:
+            self.best_validation = loss
+        if best is None or loss <= best + self.plateau_threshold * abs(best):
+            self.bad_reports = 0
+            return False
+        self.bad_reports += 1
+        jump = self.plateau_jump is not None and loss > best + self.plateau_jump * abs(best)
+        if self.plateau_factor is None or (self.bad_reports <= self.plateau_patience and not jump):
+            return False
+        self.bad_reports = 0
+        self.best_validation = loss  # compare with what the cut rates reach, not with a lucky early epoch
+        self.multipliers = self.multipliers * self.plateau_factor
+        self.ceiling = (
+            self.multipliers.clone() if self.ceiling is None else torch.minimum(self.ceiling, self.multipliers)
+        )
+        self.plateau_cuts.append(self.step_count)
+        return True
 
     def _refit(
         self,
@@ -517,6 +610,8 @@ class HiDLR(torch.optim.Optimizer):
             self.n_rejected += 1
             new_applied = applied
         else:
+            if self.ceiling is not None:  # after a plateau cut the rates may fall, not rise above the cut
+                result.lrs = torch.minimum(result.lrs, self.ceiling * scheduled)
             new_applied = result.lrs * factor
             self._rescale_last_step(start, torch.where(moving, new_applied / applied.clamp_min(1e-300), 1.0))
             # m_k = eta*_k / lr_k; a group with lr 0 keeps its multiplier.
@@ -588,9 +683,10 @@ class HiDLR(torch.optim.Optimizer):
     def _guards_after(self, gap: int) -> Safeguards:
         """The safeguards for a refit ``gap`` steps after the last: smoothing s^(gap / interval), so that an
         exponential average over refits keeps its time constant in steps when the gap grows."""
-        if gap <= self.interval or self.guards.smoothing == 0:
-            return self.guards
-        return replace(self.guards, smoothing=self.guards.smoothing ** (gap / self.interval))
+        guards = self.guards
+        if gap <= self.interval or guards.smoothing == 0:
+            return guards
+        return replace(guards, smoothing=guards.smoothing ** (gap / self.interval))
 
     def _adapt_gap(self, before: torch.Tensor, gap: int) -> None:
         """After a refit ``gap`` steps after the previous one: record the multipliers' change and set the gap
@@ -725,6 +821,7 @@ class HiDLR(torch.optim.Optimizer):
             "eval_mode": self.eval_mode,
             "inner": None if self.inner is None else ("hidlr" if self.inner == "hidlr" else "sampler factory"),
             "safeguards": _plain(asdict(self.guards)),
+            "plateau": [self.plateau_factor, self.plateau_threshold, self.plateau_patience, self.plateau_jump],
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -759,6 +856,10 @@ class HiDLR(torch.optim.Optimizer):
             "probe_forwards": self.probe_forwards,
             "diagnostic_forwards": self.diagnostic_forwards,
             "generator": self._generator.get_state(),
+            "best_validation": self.best_validation,
+            "ceiling": None if self.ceiling is None else self.ceiling.tolist(),
+            "plateau_cuts": list(self.plateau_cuts),
+            "bad_reports": self.bad_reports,
             "config": self.config(),
         }
 
@@ -811,6 +912,21 @@ class HiDLR(torch.optim.Optimizer):
             isinstance(c, list) and len(c) == k and all(isinstance(v, (int, float)) for v in c) for c in recent
         ):
             raise ValueError(f"state_dict['recent_changes'] must be a list of lists of {k} floats")
+        best_validation = state.get("best_validation")
+        if best_validation is not None and (
+            isinstance(best_validation, bool)
+            or not isinstance(best_validation, (int, float))
+            or not math.isfinite(best_validation)
+        ):
+            raise ValueError(f"state_dict['best_validation'] must be None or a finite float, got {best_validation!r}")
+        ceiling = state.get("ceiling")
+        ceiling = None if ceiling is None else _float_vector(ceiling, k, "ceiling", positive=True)
+        bad_reports = state.get("bad_reports", 0)
+        if isinstance(bad_reports, bool) or not isinstance(bad_reports, int) or bad_reports < 0:
+            raise ValueError(f"state_dict['bad_reports'] must be an int >= 0, got {bad_reports!r}")
+        cuts = state.get("plateau_cuts", [])
+        if not isinstance(cuts, list) or not all(isinstance(c, int) and not isinstance(c, bool) for c in cuts):
+            raise ValueError("state_dict['plateau_cuts'] must be a list of step numbers")
         generator = state["generator"]
         if not isinstance(generator, torch.Tensor) or generator.dtype != torch.uint8:
             raise ValueError("state_dict['generator'] must be a torch.Generator state (a uint8 tensor)")
@@ -824,6 +940,8 @@ class HiDLR(torch.optim.Optimizer):
             for key, value in counts.items():
                 setattr(self, key, value)
             self._generator.set_state(generator)
+            self.best_validation = None if best_validation is None else float(best_validation)
+            self.ceiling, self.plateau_cuts, self.bad_reports = ceiling, list(cuts), bad_reports
 
         return assign
 

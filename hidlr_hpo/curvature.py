@@ -350,8 +350,9 @@ class Safeguards:
         smooth_decreases: smooth decreases of the rate too; False applies decreases at once (within the
             trust region) and smooths only increases, which leaves an unstable rate quickly.
         believable_ratio: a proposal within [eta / R, eta * R] of the current rate is taken without smoothing
-            (near the probed range the model interpolates); None = off. Measured and not the default: it
-            lets multi-task climb (0.0160 against 0.0272 from 1e-3) but makes digits unstable (docs/method.md).
+            (near the probed range the model interpolates); None = off. Alone it lets multi-task climb but
+            makes digits unstable; HiDLR's default (4) pairs it with the plateau guard of
+            ``HiDLR.report_validation`` (docs/method.md).
         lr_bounds: absolute (lr_min, lr_max) (None = off).
         nondescent_shrink: when b_k <= 0 (or the solve gives eta*_k <= 0) the previous rate is multiplied
             by this factor; 1.0 keeps it.

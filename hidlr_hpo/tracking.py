@@ -325,6 +325,8 @@ class TrialRun:
         self._metric("val_loss", log.val_loss, step)
         self._metric("val_acc", log.val_acc, step)
         self._metric("epoch", float(log.epoch), step)
+        if getattr(log, "plateau_cuts", None) is not None:  # Hi-DLR's plateau guard: cuts so far
+            self._metric("plateau_cuts", float(log.plateau_cuts), step)
         for name, rate in zip(log.groups, log.effective_lrs or log.lrs, strict=False):
             self._metric(f"epoch_lr/{name}", rate, step)
         if time.monotonic() - self._last_flush >= self.flush_seconds:

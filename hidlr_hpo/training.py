@@ -38,6 +38,7 @@ class EpochLog:
     effective_lrs: list[float] = field(default_factory=list)
     step: int = 0  # optimizer steps done by the epoch's end
     groups: list[str] = field(default_factory=list)  # group names, in the order of lrs
+    plateau_cuts: int | None = None  # Hi-DLR's plateau-guard cuts so far (None: no Hi-DLR)
 
 
 @dataclass
@@ -163,6 +164,7 @@ def prepare(
             kwargs["total_steps"] = (total_steps if horizon else None) if isinstance(horizon, bool | None) else horizon
         # The loop draws each probe batch itself (a held-out one, or the batch just trained on) when one is due.
         controller = HiDLR(opt, model, task.loss_fn, probes=None, **kwargs)
+        controller._warned.add("unguarded")  # train() reports every epoch's validation loss, even a 1-epoch run's
 
     return Prepared(task, model, names, opt, scheduler, controller, gen, probe_gen)
 
@@ -278,6 +280,8 @@ def train(
         val_loss, val_acc = evaluate(model, task, task.val)
         set_eval_mode(opt, False)
         best = min(best, val_loss)
+        if controller is not None:  # the plateau guard: the epoch's validation loss, computed anyway
+            controller.report_validation(val_loss)
         log = EpochLog(
             epoch,
             running / seen,
@@ -288,6 +292,7 @@ def train(
             step_effective if scheduler is not None else _effective_lrs(opt, controller),
             result.steps,
             names,
+            None if controller is None else len(controller.plateau_cuts),
         )
         result.epochs.append(log)
         if on_epoch is not None:

@@ -52,10 +52,24 @@ STARTS = (1e-4, 1e-3, 1e-2)  # 10x too small, the grid's best, 10x too large
 
 # Each remedy of the short-horizon bias, added one at a time (HiDLR's own defaults underneath: diag, axial
 # design, interval 10, trust ratio 2, smoothing 0.9 of every change, as GeN's).
-GEN_LIKE = dict(smooth_decreases=True)  # GeN's smoothing of every change (HiDLR's default)
-FAST_DOWN = dict(smooth_decreases=False)  # smooth only increases
+# The variants below were measured on HiDLR's defaults before 2026-12-02 (no fast climb, no plateau guard);
+# GEN_LIKE pins those, so that each label keeps its meaning.
+BEFORE_PLATEAU = dict(believable_ratio=None, plateau_factor=None)
+GEN_LIKE = dict(BEFORE_PLATEAU, smooth_decreases=True)  # GeN's smoothing of every change (HiDLR's default)
+FAST_DOWN = dict(BEFORE_PLATEAU, smooth_decreases=False)  # smooth only increases
+NEW_DEFAULT = "held-out probe + horizon (defaults since 2026-12-02)"
+# The plateau guard's settings measured: cut by `plateau_factor` when the epoch's validation loss is more than
+# `plateau_threshold` above the best since the last cut, on more than `plateau_patience` reports in a row, or
+# at once when it is more than `plateau_jump` above it.
+PLATEAU = {
+    "at the first rise": dict(plateau_factor=0.5, plateau_threshold=0.02, plateau_patience=0, plateau_jump=None),
+    "on two rises in a row": dict(plateau_factor=0.5, plateau_threshold=0.02, plateau_patience=1, plateau_jump=None),
+    "on two rises in a row or one above 20%": dict(
+        plateau_factor=0.5, plateau_threshold=0.02, plateau_patience=1, plateau_jump=0.2
+    ),
+}
 VARIANTS: dict[str, dict] = {
-    "no trust region, no smoothing": dict(probe="train", hidlr=dict(trust_ratio=None, smoothing=0.0)),
+    "no trust region, no smoothing": dict(probe="train", hidlr=dict(BEFORE_PLATEAU, trust_ratio=None, smoothing=0.0)),
     "GeN-like: train probe, smoothing of every change": dict(probe="train", hidlr=dict(GEN_LIKE)),
     "+ bias-corrected smoothing": dict(probe="train", hidlr=dict(GEN_LIKE, smoothing_bias_correction=True)),
     "+ log-space smoothing": dict(probe="train", hidlr=dict(GEN_LIKE, log_smoothing=True)),
@@ -112,10 +126,26 @@ VARIANTS: dict[str, dict] = {
     "train probe, gradient slope (K + 1 probes), + horizon": dict(
         probe="train", hidlr=dict(GEN_LIKE, horizon=True, slope="gradient")
     ),
+    # The plateau guard (HiDLR.report_validation, called by train() with each epoch's validation loss): when
+    # the validation loss rises above the best since the last cut, the multipliers are cut and capped. Alone,
+    # and as the brake of a fast climb (bias-corrected smoothing, or proposals within 4x taken unsmoothed).
+    **{
+        f"+ held-out probe + horizon, {climb}plateau guard ({guard})": dict(
+            probe="heldout", hidlr=dict(GEN_LIKE, horizon=True, **fast, **PLATEAU[guard])
+        )
+        for climb, fast in (
+            ("", {}),
+            ("bias-corrected smoothing, ", dict(smoothing_bias_correction=True)),
+            ("within 4x unsmoothed, ", dict(believable_ratio=4.0)),
+        )
+        for guard in PLATEAU
+    },
+    # HiDLR's defaults since 2026-12-02: the last of the rows above.
+    NEW_DEFAULT: dict(probe="heldout", hidlr=dict(horizon=True)),
 }
 # The defaults: chosen on the mean over three starts of the final validation loss relative to the grid's
 # best, on digits (this study) and the multi-task study together; see docs/method.md.
-CHOSEN = "+ held-out probe + horizon"
+CHOSEN = NEW_DEFAULT
 
 
 def main() -> None:

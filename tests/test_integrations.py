@@ -39,6 +39,9 @@ def test_lightning_runs_hidlr_logs_its_rates_and_checkpoints_it(tmp_path):
     rows = list(csv.DictReader(next(tmp_path.rglob("metrics.csv")).open()))
     logged = [float(r["lr/Linear_0"]) for r in rows if r.get("lr/Linear_0")]
     assert len(logged) == 34 and logged[-1] == pytest.approx(hidlr.lrs()[0])
+    # Each epoch's logged val_loss went to the plateau guard (HiDLR.report_validation).
+    val_losses = [float(r["val_loss"]) for r in rows if r.get("val_loss")]
+    assert len(val_losses) == 2 and hidlr.best_validation == pytest.approx(min(val_losses), rel=1e-6)
     checkpoints = sorted(tmp_path.rglob("*.ckpt"))  # epoch=0 (17 steps), epoch=1 (34 steps)
     assert torch.load(checkpoints[-1], weights_only=False)["optimizer_states"][0]["hidlr"]["n_refits"] == 4
     # Resuming from the first epoch restores HiDLR through Lightning's optimizer.load_state_dict, and the
@@ -61,3 +64,5 @@ def test_huggingface_trainer_runs_hidlr_on_minilm_with_lora(tmp_path):
     assert first.fired.get("dead") == [0]  # LoRA's A does not move the loss while B = 0: kept, not fitted
     logs = [entry for entry in trainer.state.log_history if "lr/lora_B" in entry]
     assert logs and logs[-1]["hidlr/refits"] == 1
+    evaluated = [entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry]
+    assert len(evaluated) == 1 and hidlr.best_validation == pytest.approx(evaluated[0], rel=1e-6)

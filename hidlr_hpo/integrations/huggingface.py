@@ -13,6 +13,7 @@ refit is due and moved to the model's device.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -62,16 +63,46 @@ def hidlr_optimizer(
 
 
 class HiDLRCallback(TrainerCallback):
-    """Adds each group's rate (``lr/<group>``) and the refit count to the Trainer's logs (console, MLflow, ...)."""
+    """Adds each group's rate (``lr/<group>``) and the refit count to the Trainer's logs (console, MLflow, ...),
+    and reports each evaluation's ``metric`` (``eval_loss``) to :meth:`HiDLR.report_validation`, the plateau
+    guard (``metric=None``: not reported).
+    """
 
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
+    def __init__(self, metric: str | None = "eval_loss") -> None:
+        self.metric = metric
+        self._warned = False
+
+    @staticmethod
+    def _hidlr(kwargs: dict[str, Any]) -> HiDLR | None:
         optimizer = kwargs.get("optimizer")
         if not isinstance(optimizer, HiDLR):  # accelerate wraps it; HiDLR's own .optimizer is its base
             optimizer = getattr(optimizer, "optimizer", optimizer)
-        if logs is None or not isinstance(optimizer, HiDLR):
+        return optimizer if isinstance(optimizer, HiDLR) else None
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
+        optimizer = self._hidlr(kwargs)
+        if logs is None or optimizer is None:
             return
         rates = {f"lr/{name}": lr for name, lr in zip(optimizer.group_names, optimizer.lrs(), strict=True)}
         rates["hidlr/refits"] = optimizer.n_refits
+        rates["hidlr/plateau_cuts"] = len(optimizer.plateau_cuts)
         logs.update(rates)  # for the callbacks after this one (console, MLflow, ...)
         if state.log_history:  # the Trainer recorded the entry before calling back
             state.log_history[-1].update(rates)
+
+    def on_evaluate(
+        self, args: Any, state: Any, control: Any, metrics: dict[str, float] | None = None, **kwargs: Any
+    ) -> None:
+        optimizer = self._hidlr(kwargs)
+        if self.metric is None or optimizer is None or metrics is None:
+            return
+        if self.metric not in metrics:
+            if not self._warned:
+                self._warned = True
+                warnings.warn(
+                    f"HiDLRCallback: the evaluation gave no {self.metric!r} (it gave {sorted(metrics)}), so HiDLR's "
+                    "plateau guard gets no validation loss; pass HiDLRCallback(metric=...) or metric=None",
+                    stacklevel=2,
+                )
+            return
+        optimizer.report_validation(float(metrics[self.metric]))

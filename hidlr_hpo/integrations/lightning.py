@@ -10,6 +10,7 @@ Install with ``pip install 'hidlr-hpo[lightning]'``.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import lightning.pytorch as pl
@@ -20,17 +21,21 @@ __all__ = ["HiDLRCallback"]
 
 
 class HiDLRCallback(pl.Callback):
-    """Logs each group's learning rate (``lr/<group>``) after every step, and refit counts, to Lightning's loggers.
+    """Logs each group's learning rate (``lr/<group>``) after every step, and refit counts, to Lightning's loggers;
+    after each validation, reports the logged ``monitor`` metric to :meth:`HiDLR.report_validation` (the
+    plateau guard; ``monitor=None``: not reported), as Lightning does for ReduceLROnPlateau.
 
     Example:
         >>> from hidlr_hpo.integrations.lightning import HiDLRCallback
         >>> callback = HiDLRCallback(every_n_steps=10)  # pass to Trainer(callbacks=[...])
     """
 
-    def __init__(self, every_n_steps: int = 1) -> None:
+    def __init__(self, every_n_steps: int = 1, monitor: str | None = "val_loss") -> None:
         if every_n_steps < 1:
             raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
         self.every_n_steps = every_n_steps
+        self.monitor = monitor
+        self._warned = False
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not any(isinstance(o, HiDLR) for o in trainer.optimizers):
@@ -38,6 +43,24 @@ class HiDLRCallback(pl.Callback):
                 "HiDLRCallback found no HiDLR among the trainer's optimizers: return HiDLR(...) from "
                 "configure_optimizers"
             )
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.monitor is None or trainer.sanity_checking:
+            return
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            if not self._warned:
+                self._warned = True
+                warnings.warn(
+                    f"HiDLRCallback: no {self.monitor!r} was logged in validation (logged: "
+                    f"{sorted(trainer.callback_metrics)}), so HiDLR's plateau guard gets no validation loss; "
+                    "log it with self.log or pass HiDLRCallback(monitor=...) or monitor=None",
+                    stacklevel=2,
+                )
+            return
+        for optimizer in trainer.optimizers:
+            if isinstance(optimizer, HiDLR):
+                optimizer.report_validation(float(value))
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if trainer.global_step % self.every_n_steps:
