@@ -30,6 +30,8 @@ GEN_DEFAULTS: dict[str, Any] = {
     "trust_ratio": 2.0,
     "smoothing": 0.9,
     "smooth_decreases": True,  # GeN smooths both ways
+    "believable_ratio": None,  # every proposal smoothed, and no plateau guard: neither is GeN's
+    "plateau_factor": None,
 }
 
 
