@@ -1,23 +1,31 @@
-"""``HiDLRSampler``: a quadratic response-surface sampler for Optuna (trust-region rounds).
+"""``HiDLRSampler``: a trust-region quadratic-model sampler for Optuna (derivative-free, as BOBYQA).
 
-Each *round* evaluates a probe design around a centre c with radius r (in coordinates normalised to the unit
-cube; log-scaled parameters in log space). When a round is complete, the quadratic model of
-:mod:`hidlr_hpo.curvature` is fitted to it and the next centre is the model's minimiser within the round's
-box [c - r, c + r]; the radius halves when that minimiser lies inside the box (zoom in) and doubles when it
-lies on its boundary (the minimum is further out). On an exactly quadratic objective the second round is
-centred on the minimum.
+The parameters live in the unit cube (log-scaled ones in log space). A *run* starts with a design around a
+centre (Hi-DLR's pairwise or axial design, radius r). Then every trial is a *model step*: the quadratic model
+of :mod:`hidlr_hpo.curvature`, fitted to the run's points nearest the centre, is minimised within the trust
+region [c - r, c + r], and the trial evaluates that minimiser. The ratio rho of the actual to the predicted
+improvement sets the radius (rho >= 0.75 on the region's boundary: doubled; rho < 0.25: halved), and the
+centre is always the best point the run has evaluated, so a poor model never moves the search away from
+it. When the model predicts no improvement, the step probes a random direction at half the radius (the
+model is refined there, or the region shrinks). When the radius falls below ``min_radius`` (converged, or a
+region the model cannot describe) the run restarts from the next point of a scrambled Halton sequence:
+global exploration for multimodal objectives. On an exactly quadratic objective the first model step
+lands on the minimum.
 
-The round state lives in the trials' system attributes, so several workers on one storage cooperate: each
-asks for the first design point of the current round that no running or finished trial holds; when all are
-held but some still run, it adds a random point inside the round's box (more data for the same fit).
+The state is replayed from the trials' system attributes (kind, point, the prediction of model steps), so
+any number of workers on one storage cooperate: each claims its point under a lock (threads) and writes it,
+then reads the other trials' points (processes): a trial that finds its point taken moves to a random point
+in the region. Failed and pruned trials score as worse than any point: a model step that
+fails shrinks the region, a design point that fails is used up.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 import threading
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -28,21 +36,31 @@ from optuna.samplers import BaseSampler, RandomSampler
 from optuna.search_space import IntersectionSearchSpace
 from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, TrialState
+from scipy.optimize import minimize
+from scipy.stats import qmc
 
-from .curvature import QuadraticFit, check_mode, fit_quadratic, make_design, n_unknowns, solve
+from .curvature import QuadraticFit, check_mode, fit_quadratic, make_design, n_unknowns
 
 __all__ = ["HiDLRSampler"]
 
 _logger = optuna.logging.get_logger(__name__)
 
 _PREFIX = "hidlr:"
-# A design point is taken while a trial holds it, and used up once its trial has finished in any way: a
-# failed or pruned point is scored as bad (see _scores) instead of asked again, so a region that always
-# fails cannot stall the rounds.
-_HELD = (TrialState.RUNNING, TrialState.WAITING, TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
+_LIVE = (TrialState.RUNNING, TrialState.WAITING)
 _FINISHED = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
-_MIN_RADIUS = 1e-8
 _MAX_RADIUS = 0.5
+_SAME = 1e-12  # two points closer than this (max-norm, unit cube) are one point
+
+
+@dataclass
+class _Run:
+    """The search state replayed from the finished trials."""
+
+    run: int  # restarts so far
+    center: np.ndarray  # the best point of the run (unit cube), or its starting centre
+    radius: float
+    best: float  # the minimised objective at the centre (inf before any success)
+    steps: int  # model steps finished in this run
 
 
 def _is_continuous(dist: BaseDistribution) -> bool:
@@ -50,7 +68,7 @@ def _is_continuous(dist: BaseDistribution) -> bool:
 
 
 class HiDLRSampler(BaseSampler):
-    """Quadratic response-surface sampler over an Optuna study's continuous parameters.
+    """Trust-region quadratic-model sampler over an Optuna study's continuous parameters.
 
     Example:
         >>> import optuna
@@ -68,19 +86,23 @@ class HiDLRSampler(BaseSampler):
         -3.363636
 
     Integer, stepped and categorical parameters are sampled by ``independent_sampler`` (random by default),
-    as Optuna's own relative samplers do. A failed or pruned trial (a NaN objective fails a trial) uses up
-    its design point and enters the next round's choice as worse than every finished one, so the rounds move
-    away from a region that fails. A trial that does not suggest every modelled parameter (a conditional
-    space) is left out of the fit.
+    as Optuna's own relative samplers do. A trial that does not suggest every modelled parameter (a
+    conditional space) is left out of the model.
 
     Args:
         search_space: the continuous parameters to model. None infers them as the intersection of the
             finished trials' spaces (then the first trial is sampled independently).
-        mode: ``"full"`` (cross terms; ``"pairwise"`` design) or ``"diag"`` (``"axial"`` design).
-        design: ``"axial"``, ``"pairwise"`` or an int (a random design of that many points).
-        x0: the first round's centre, in parameter units (default: the middle of each range; the
-            geometric middle for log-scaled parameters).
-        radius: the first round's radius as a fraction of each normalised range.
+        mode: the model: ``"full"`` (cross terms, which learn rotation and scaling) or ``"diag"``. A model
+            with fewer points near the centre than unknowns falls back to diag.
+        design: each run's first points: ``"axial"`` (2d + 1), ``"pairwise"`` (the full model's
+            (d + 1)(d + 2) / 2: exact on quadratics after one step) or an int (a random design).
+            Default: pairwise for the full model up to 5 parameters, axial otherwise.
+        x0: the first run's centre, in parameter units (default: the middle of each range; the geometric
+            middle for log-scaled parameters).
+        radius: each run's first radius as a fraction of each normalised range.
+        min_radius: a run whose radius falls below this restarts elsewhere.
+        running_timeout: seconds after which a RUNNING trial no longer holds its point (a dead worker's;
+            Optuna's heartbeat, where the storage has one, fails such trials itself). None: never.
         seed: seeds the random points and the independent sampler.
         independent_sampler: samples what the model does not cover.
         warn_independent_sampling: warn, once per parameter, when a parameter goes to the independent
@@ -95,18 +117,28 @@ class HiDLRSampler(BaseSampler):
         design: str | int | None = None,
         x0: Mapping[str, float] | None = None,
         radius: float = 0.25,
+        min_radius: float = 1e-4,
+        running_timeout: float | None = None,
         seed: int | None = None,
         independent_sampler: BaseSampler | None = None,
         warn_independent_sampling: bool = True,
     ) -> None:
-        self._lock = threading.Lock()  # study.optimize(n_jobs=...): one thread claims a design point at a time
+        self._lock = threading.Lock()  # study.optimize(n_jobs=...): one thread claims a point at a time
         self._warn_independent = warn_independent_sampling
         self._warned: set[str] = set()
         self._mode = check_mode(mode)
-        self._design = design if design is not None else ("pairwise" if mode == "full" else "axial")
+        if design is not None and not (
+            design in ("axial", "pairwise") or (isinstance(design, int) and not isinstance(design, bool) and design > 0)
+        ):
+            raise ValueError(f"design must be 'axial', 'pairwise' or a number of random points, got {design!r}")
+        self._design = design
         if not (0 < radius <= _MAX_RADIUS):
             raise ValueError(f"radius must be in (0, {_MAX_RADIUS}] (a fraction of each range), got {radius}")
-        self._radius0 = radius
+        if not (0 < min_radius < radius):
+            raise ValueError(f"min_radius must be in (0, radius={radius}), got {min_radius}")
+        if running_timeout is not None and not running_timeout > 0:
+            raise ValueError(f"running_timeout must be None or a number of seconds > 0, got {running_timeout}")
+        self._radius0, self._min_radius, self._running_timeout = radius, min_radius, running_timeout
         self._x0 = dict(x0) if x0 is not None else {}
         self._search_space = None
         if search_space is not None:
@@ -160,66 +192,8 @@ class HiDLRSampler(BaseSampler):
             return params
 
         names = list(space)
-        # Choosing a design point and recording the choice is one step, so threads never take the same one.
-        with self._lock:
-            trials = [t for t in study._get_trials(deepcopy=False, use_cache=False) if self._in_space(t, names)]
-            round_, center, radius = self._current_round(study, trials, space)
-            design = self._design_points(len(names))
-            for _ in range(1000):  # a few rounds at most: each one moves on or stops
-                members = [t for t in trials if t.system_attrs[_PREFIX + "round"] == round_]
-                # Design points that clipping to the unit cube makes equal are one point: asked once.
-                points = np.clip(center + radius * design, 0.0, 1.0)
-                same = [
-                    next(j for j in range(i + 1) if np.allclose(points[j], p, rtol=0.0, atol=1e-12))
-                    for i, p in enumerate(points)
-                ]
-
-                def point(index: int, same: list[int] = same) -> int:
-                    return same[index] if index < len(same) else index  # beyond the design: an added random point
-
-                held = {
-                    point(t.system_attrs[_PREFIX + "index"])
-                    for t in members
-                    if t.state in _HELD and t.number != trial.number
-                }
-                finished = {point(t.system_attrs[_PREFIX + "index"]) for t in members if t.state in _FINISHED}
-                # A point an earlier round already evaluated (the best point becomes the next centre; a clipped point
-                # recurs at the cube's edge) is not asked again: its trial joins this round's fit.
-                borrowed = []
-                for t in trials:
-                    if t.state not in _FINISHED or t.system_attrs[_PREFIX + "round"] == round_:
-                        continue
-                    if not all(n in t.params for n in names):
-                        continue
-                    u_t = np.array([self._to_unit(space[n], t.params[n]) for n in names])
-                    for i in range(len(design)):
-                        if same[i] == i and i not in finished and np.allclose(points[i], u_t, rtol=0.0, atol=1e-12):
-                            held.add(i)
-                            finished.add(i)
-                            borrowed.append(t)
-                free = [i for i in range(len(design)) if same[i] == i and i not in held]
-                if free:
-                    index, offset = free[0], design[free[0]]
-                elif all(same[i] in finished for i in range(len(design))):
-                    round_, center, radius = self._next_round(
-                        study, [*members, *borrowed], space, round_, center, radius
-                    )
-                    continue  # the new round's points, checked against what earlier rounds evaluated
-                else:  # every design point is held, some still running: add a random point to this round's fit
-                    index = len(design) + len(members)
-                    offset = self._rng.uniform(-1.0, 1.0, size=len(names))
-                break
-            else:  # every round's points were known already (a collapsed box): a random point in it
-                index = len(design) + len(members)
-                offset = self._rng.uniform(-1.0, 1.0, size=len(names))
-            u = np.clip(center + radius * np.asarray(offset, dtype=float), 0.0, 1.0)
-
-            storage = study._storage
-            storage.set_trial_system_attr(trial._trial_id, _PREFIX + "round", round_)
-            storage.set_trial_system_attr(trial._trial_id, _PREFIX + "index", int(index))
-            storage.set_trial_system_attr(trial._trial_id, _PREFIX + "center", [float(c) for c in center])
-            storage.set_trial_system_attr(trial._trial_id, _PREFIX + "radius", float(radius))
-            storage.set_trial_system_attr(trial._trial_id, _PREFIX + "names", names)
+        with self._lock:  # choosing a point and recording it is one step for the threads of this process
+            u = self._claim(study, trial, space, names)
         for name, ui in zip(names, u, strict=True):
             params[name] = self._from_unit(space[name], float(ui))
         return params
@@ -242,11 +216,209 @@ class HiDLRSampler(BaseSampler):
         """Whether the study has finished trials (the first trial's parameters are all independent)."""
         return any(t.state.is_finished() for t in study._get_trials(deepcopy=False, use_cache=True))
 
-    # -- the model ----------------------------------------------------------------------------------------
-    def fit(self, study: Study, round_: int | None = None) -> QuadraticFit:
-        """The quadratic model fitted to a round's finished trials (default: the latest round with enough
-        of them), in the study's parameter units (log-scaled parameters: natural log units), with the
-        objective as minimised (negated for a maximising study).
+    # -- claiming a point ------------------------------------------------------------------------------------
+    def _claim(
+        self, study: Study, trial: FrozenTrial, space: Mapping[str, BaseDistribution], names: list[str]
+    ) -> np.ndarray:
+        """Choose this trial's point, record it, and make sure no other live trial holds the same one."""
+        storage = study._storage
+        for attempt in range(3):
+            trials = [
+                t
+                for t in study._get_trials(deepcopy=False, use_cache=False)
+                if self._in_space(t, names) and t.number != trial.number
+            ]
+            # A retry moves to a random point drawn from the trial's own number, so that two processes that
+            # both moved cannot meet again.
+            retry = np.random.default_rng([trial.number, attempt]) if attempt else None
+            attrs = self._choose(study, trials, space, names, retry)
+            for key, value in attrs.items():
+                storage.set_trial_system_attr(trial._trial_id, _PREFIX + key, value)
+            u = np.array(attrs["point"])
+            # Another process may have chosen the same point meanwhile. Whichever of the two reads after the
+            # other's write sees it and moves (both, if both wrote before either read): never both stay.
+            rivals = [
+                t
+                for t in study._get_trials(deepcopy=False, use_cache=False)
+                if t.number != trial.number
+                and self._holds(t)
+                and self._in_space(t, names)
+                and _PREFIX + "point" in t.system_attrs
+                and np.max(np.abs(np.array(t.system_attrs[_PREFIX + "point"]) - u)) < _SAME
+            ]
+            if not rivals:
+                return u
+        return u
+
+    def _choose(
+        self,
+        study: Study,
+        trials: Sequence[FrozenTrial],
+        space: Mapping[str, BaseDistribution],
+        names: list[str],
+        retry: np.random.Generator | None = None,
+    ) -> dict[str, Any]:
+        """The next point (unit cube) and the attributes that let any worker replay the search; on a
+        ``retry`` (the point chosen was taken by another process meanwhile) a random point in the region."""
+        d = len(names)
+        state = self._replay(study, trials, space)
+        members = [t for t in trials if t.system_attrs.get(_PREFIX + "run") == state.run]
+        taken = [np.array(t.system_attrs[_PREFIX + "point"]) for t in trials if self._holds(t)]  # any run's
+        record = {"names": names, "run": state.run, "center": state.center.tolist(), "radius": state.radius}
+        round_ = state.steps + 1
+        index = sum(1 for t in members if t.system_attrs.get(_PREFIX + "round") == round_)
+        step = {**record, "round": round_, "index": index}
+
+        def free(u: np.ndarray) -> bool:
+            return all(np.max(np.abs(u - v)) >= _SAME for v in taken)
+
+        if retry is not None:
+            offset = retry.uniform(-1.0, 1.0, size=d)
+            u = np.clip(state.center + state.radius * offset, 0.0, 1.0)
+            return {**step, "kind": "explore", "point": u.tolist()}
+        if state.steps == 0:  # the run's design around its starting centre: the first point nobody holds
+            start = self._start(space, state.run)
+            for index, offset in enumerate(self._design_points(d)):
+                u = np.clip(start + self._radius0 * offset, 0.0, 1.0)
+                if free(u):
+                    return {**record, "kind": "design", "round": 0, "index": index, "point": u.tolist()}
+        design_running = state.steps == 0 and any(t.state in _LIVE for t in members)
+        if not design_running and math.isfinite(state.best):
+            done = [t for t in members if t.state == TrialState.COMPLETE and self._complete(t, names)]
+            proposal = self._model_step(study, done, state, d)
+            if proposal is None or not free(proposal[0]):
+                # The model sees no improvement in the region, or only at a point already evaluated (another
+                # run's optimum, another worker's step): probe a random direction at half the radius, as a
+                # model step predicting a tiny gain, so that no gain there shrinks the region.
+                u = self._random_point(state.center, 0.5 * state.radius, d, on_boundary=True)
+                return {**step, "kind": "model", "point": u.tolist(), "predicted": 1e-12, "base": state.best}
+            u, predicted = proposal
+            return {**step, "kind": "model", "point": u.tolist(), "predicted": predicted, "base": state.best}
+        # The step is another worker's, or the design still runs: more data for the same model.
+        u = self._random_point(state.center, state.radius, d)
+        return {**step, "kind": "explore", "point": u.tolist()}
+
+    def _random_point(self, center: np.ndarray, radius: float, d: int, on_boundary: bool = False) -> np.ndarray:
+        offset = self._rng.uniform(-1.0, 1.0, size=d)
+        if on_boundary:
+            offset /= max(float(np.max(np.abs(offset))), 1e-12)
+        return np.clip(center + radius * offset, 0.0, 1.0)
+
+    def _holds(self, t: FrozenTrial) -> bool:
+        """Whether a trial holds its point: finished, or live and (with a timeout) recent."""
+        if _PREFIX + "point" not in t.system_attrs:
+            return False
+        if t.state in _FINISHED:
+            return True
+        if t.state not in _LIVE:
+            return False
+        if self._running_timeout is None or t.datetime_start is None:
+            return True
+        return datetime.now() - t.datetime_start < timedelta(seconds=self._running_timeout)
+
+    # -- the search state ------------------------------------------------------------------------------------
+    def _start(self, space: Mapping[str, BaseDistribution], run: int) -> np.ndarray:
+        """Run 0 starts at x0 (or the middle); a restart at the next point of a scrambled Halton sequence,
+        the same in every worker (it depends on nothing but the run's number)."""
+        if run == 0:
+            return np.array([self._to_unit(d, self._x0[n]) if n in self._x0 else 0.5 for n, d in space.items()])
+        return qmc.Halton(len(space), scramble=True, seed=20261202).random(run)[-1]
+
+    def _replay(self, study: Study, trials: Sequence[FrozenTrial], space: Mapping[str, BaseDistribution]) -> _Run:
+        """The state after the finished trials, in the order of their numbers."""
+        names = list(space)
+        n_design = len(self._design_points(len(names)))
+        state = _Run(0, self._start(space, 0), self._radius0, math.inf, 0)
+        designed = 0  # finished design points of this run
+        sign = -1.0 if study.direction == StudyDirection.MAXIMIZE else 1.0
+        for t in sorted(trials, key=lambda t: t.number):
+            a = t.system_attrs
+            if t.state not in _FINISHED or a.get(_PREFIX + "run") != state.run or _PREFIX + "point" not in a:
+                continue
+            # Failed, pruned, or without every modelled parameter (a conditional space): worse than any point.
+            y = sign * float(t.value) if t.state == TrialState.COMPLETE and self._complete(t, names) else math.inf
+            u = np.array(a[_PREFIX + "point"])
+            kind = a.get(_PREFIX + "kind")
+            if kind == "model":
+                state.steps += 1
+                gain = a[_PREFIX + "base"] - y  # the actual improvement over the centre the step started from
+                rho = gain / a[_PREFIX + "predicted"] if math.isfinite(y) else -math.inf
+                reach = float(np.max(np.abs(u - np.array(a[_PREFIX + "center"])))) / a[_PREFIX + "radius"]
+                if rho >= 0.75 and reach >= 0.9:
+                    state.radius = min(2.0 * state.radius, _MAX_RADIUS)  # the model is good: go further
+                elif rho < 0.25:
+                    state.radius *= 0.5  # the model is poor at this scale
+            designed += kind == "design"
+            if y < state.best:
+                state.best, state.center = y, u
+            stuck = state.steps == 0 and designed >= n_design and not math.isfinite(state.best)  # all failed
+            if state.radius < self._min_radius or stuck:  # converged, stuck, or failing: restart elsewhere
+                state = _Run(state.run + 1, self._start(space, state.run + 1), self._radius0, math.inf, 0)
+                designed = 0
+        return state
+
+    # -- the model -----------------------------------------------------------------------------------------
+    def _model_points(
+        self, study: Study, done: Sequence[FrozenTrial], state: _Run, d: int
+    ) -> tuple[np.ndarray, np.ndarray, str] | None:
+        """The run's points for the model (offsets from the centre in radii) and the model's mode: the points
+        within two radii, or the nearest ones when too few are."""
+        if not done:
+            return None
+        sign = -1.0 if study.direction == StudyDirection.MAXIMIZE else 1.0
+        x = np.array([t.system_attrs[_PREFIX + "point"] for t in done])
+        y = np.array([sign * float(t.value) for t in done])
+        distance = np.max(np.abs(x - state.center), axis=1)
+        order = np.argsort(distance, kind="stable")
+        need = {"full": n_unknowns(d, "full"), "diag": n_unknowns(d, "diag")}
+        mode = self._mode if len(done) >= need[self._mode] else "diag"
+        if len(done) < need[mode]:
+            return None
+        near = int(np.sum(distance <= 2.0 * state.radius))
+        keep = order[: max(near, need[mode])]
+        # Least squares on at most 3x the unknowns: the nearest describe the region best.
+        keep = keep[: max(3 * need[mode], need[mode])]
+        return (x[keep] - state.center) / state.radius, y[keep], mode
+
+    def _model_step(
+        self, study: Study, done: Sequence[FrozenTrial], state: _Run, d: int
+    ) -> tuple[np.ndarray, float] | None:
+        """The model's minimiser within the trust region and its predicted improvement over the centre, or
+        None when the model predicts none."""
+        points = self._model_points(study, done, state, d)
+        if points is None or not math.isfinite(state.best):
+            return None
+        offsets, y, mode = points
+        fit = fit_quadratic(torch.as_tensor(offsets), torch.as_tensor(y), mode)
+        if not fit.is_finite:
+            return None
+        b, A = fit.b.numpy(), fit.A.numpy()
+        low = np.maximum(-1.0, -state.center / state.radius)  # the region within the unit cube, in radii
+        high = np.minimum(1.0, (1.0 - state.center) / state.radius)
+
+        def model(z: np.ndarray) -> tuple[float, np.ndarray]:
+            return float(fit.L0 - b @ z + 0.5 * z @ A @ z), A @ z - b  # L(z) = L0 - b^T z + 1/2 z^T A z
+
+        starts = [np.zeros(d), np.where(b > 0, high, low)]  # the centre, the corner the slope points to
+        best_z, best_value = np.zeros(d), model(np.zeros(d))[0]
+        if np.all(np.linalg.eigvalsh(A) > 0):
+            newton = np.linalg.solve(A, b)  # the model's minimiser z* = A^{-1} b
+            if np.all((newton >= low) & (newton <= high)):  # inside the region: the constrained minimiser too
+                best_z, best_value, starts = newton, model(newton)[0], []
+            else:
+                starts.append(np.clip(newton, low, high))
+        for z0 in starts:
+            result = minimize(model, z0, jac=True, method="L-BFGS-B", bounds=list(zip(low, high, strict=True)))
+            if np.all(np.isfinite(result.x)) and result.fun < best_value:
+                best_z, best_value = result.x, float(result.fun)
+        predicted = model(np.zeros(d))[0] - best_value  # L(centre) - L(step) under the model
+        if not predicted > 1e-12 * max(1.0, abs(state.best)) or np.max(np.abs(best_z)) < 1e-9:
+            return None
+        return np.clip(state.center + state.radius * best_z, 0.0, 1.0), predicted
+
+    def fit(self, study: Study) -> QuadraticFit:
+        """The quadratic model the next model step would use, in the study's parameter units (log-scaled
+        parameters: natural log units), with the objective as minimised (negated for a maximising study).
         """
         modelled = [t for t in study._get_trials(deepcopy=False, use_cache=True) if _PREFIX + "names" in t.system_attrs]
         if not modelled:
@@ -256,90 +428,39 @@ class HiDLRSampler(BaseSampler):
         space = {n: trials[-1].distributions[n] for n in names if n in trials[-1].distributions}
         if len(space) != len(names):
             raise ValueError("the latest modelled trial has not suggested every modelled parameter yet")
-        rounds = sorted({t.system_attrs[_PREFIX + "round"] for t in trials}, reverse=True)
-        for r in rounds if round_ is None else [round_]:
-            members = [t for t in trials if t.system_attrs[_PREFIX + "round"] == r]
-            done = [t for t in members if t.state == TrialState.COMPLETE and all(n in t.params for n in names)]
-            if len(done) >= n_unknowns(len(names), self._mode):
-                x = np.array([[self._to_unit(space[n], t.params[n]) for n in names] for t in done])
-                y = self._minimised(study, done)
-                scale = np.array([self._unit_scale(space[n]) for n in names])
-                shift = np.array([self._unit_shift(space[n]) for n in names])
-                # Fit in unit coordinates (well conditioned), report in parameter units: p = shift + scale * u.
-                fit = fit_quadratic(torch.as_tensor(x), torch.as_tensor(y), self._mode)
-                return _translate(fit.rescale(torch.as_tensor(scale)), torch.as_tensor(shift))
-        raise ValueError("no round has enough finished trials to fit the quadratic model yet")
-
-    def _next_round(
-        self,
-        study: Study,
-        members: Sequence[FrozenTrial],
-        space: Mapping[str, BaseDistribution],
-        round_: int,
-        center: np.ndarray,
-        radius: float,
-    ) -> tuple[int, np.ndarray, float]:
-        """Centre the next round on the model's minimiser within this round's box."""
-        names = list(space)
-        done = [t for t in members if t.state == TrialState.COMPLETE and all(n in t.params for n in names)]
-        if not done:
-            # The whole round failed: nothing says where to go but away. Restart at a random centre.
-            return round_ + 1, self._rng.uniform(0.0, 1.0, size=len(names)), self._radius0
-        offsets = np.array(
-            [
-                [(self._to_unit(space[n], t.params[n]) - c) / radius for n, c in zip(names, center, strict=True)]
-                for t in done
-            ]
-        )
-        y = self._minimised(study, done)
-        step = offsets[int(np.argmin(y))]  # the best point seen, unless the model predicts better
-        if len(done) < n_unknowns(len(names), self._mode):  # too few points for the model: go to the best
-            fit = None
-        else:
-            fit = fit_quadratic(torch.as_tensor(offsets), torch.as_tensor(y), self._mode)
-        if fit is not None and fit.is_finite:
-            # Candidates in the box: the clipped model minimiser, the probed points, the box's corners.
-            minimiser = solve(fit)
-            candidates = [np.clip(minimiser.numpy(), -1.0, 1.0)] if torch.isfinite(minimiser).all() else []
-            candidates += list(offsets)
-            if len(names) <= 10:
-                candidates += [np.array(v, dtype=float) for v in itertools.product((-1.0, 1.0), repeat=len(names))]
-            cand = np.array(candidates)
-            predicted = fit.predict(torch.as_tensor(cand)).numpy()
-            best = int(np.argmin(predicted))
-            if predicted[best] < float(np.min(y)):
-                step = cand[best]
-        on_boundary = bool(np.max(np.abs(step)) >= 1.0 - 1e-9)
-        new_radius = min(radius * 2.0, _MAX_RADIUS) if on_boundary else max(radius * 0.5, _MIN_RADIUS)
-        new_center = np.clip(center + radius * step, 0.0, 1.0)
-        return round_ + 1, new_center, new_radius
-
-    def _current_round(
-        self, study: Study, trials: Sequence[FrozenTrial], space: Mapping[str, BaseDistribution]
-    ) -> tuple[int, np.ndarray, float]:
-        if trials:
-            latest = max(trials, key=lambda t: (t.system_attrs[_PREFIX + "round"], -t.number))
-            return (
-                latest.system_attrs[_PREFIX + "round"],
-                np.array(latest.system_attrs[_PREFIX + "center"]),
-                float(latest.system_attrs[_PREFIX + "radius"]),
-            )
-        center = np.array([self._to_unit(d, self._x0[n]) if n in self._x0 else 0.5 for n, d in space.items()])
-        return 0, center, self._radius0
+        state = self._replay(study, trials, space)
+        done = [
+            t for t in trials if t.state == TrialState.COMPLETE and t.system_attrs.get(_PREFIX + "run") == state.run
+        ]
+        points = self._model_points(study, done, state, len(names))
+        if points is None:
+            raise ValueError("the current run has not enough finished trials to fit the quadratic model yet")
+        offsets, y, mode = points
+        x = state.center + state.radius * offsets  # unit cube
+        scale = np.array([self._unit_scale(space[n]) for n in names])
+        shift = np.array([self._unit_shift(space[n]) for n in names])
+        # Fit in unit coordinates (well conditioned), report in parameter units: p = shift + scale * u.
+        fit = fit_quadratic(torch.as_tensor(x), torch.as_tensor(y), mode)
+        return _translate(fit.rescale(torch.as_tensor(scale)), torch.as_tensor(shift))
 
     def _design_points(self, k: int) -> np.ndarray:
+        design = self._design
+        if design is None:
+            design = "pairwise" if self._mode == "full" and k <= 5 else "axial"
+        mode = "full" if design == "pairwise" else "diag"
         # A random design must be the same for every worker and every call: seed it from the design size.
-        gen = torch.Generator().manual_seed(self._design) if isinstance(self._design, int) else None
-        return make_design(self._design, k, self._mode, 1.0, generator=gen).numpy()
+        gen = torch.Generator().manual_seed(design) if isinstance(design, int) else None
+        return make_design(design, k, mode, 1.0, generator=gen).numpy()
 
     @staticmethod
     def _in_space(t: FrozenTrial, names: list[str]) -> bool:
+        """Whether this sampler chose the trial's point over these parameters."""
         return t.system_attrs.get(_PREFIX + "names") == names
 
     @staticmethod
-    def _minimised(study: Study, trials: Sequence[FrozenTrial]) -> np.ndarray:
-        sign = -1.0 if study.direction == StudyDirection.MAXIMIZE else 1.0
-        return np.array([sign * float(t.value) for t in trials])  # type: ignore[arg-type]
+    def _complete(t: FrozenTrial, names: list[str]) -> bool:
+        """Whether the trial suggested every modelled parameter (a conditional space may leave one out)."""
+        return all(n in t.params for n in names)
 
     @staticmethod
     def _raise_if_multi_objective(study: Study) -> None:

@@ -2,8 +2,13 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import pickle
+import subprocess
+import sys
+import time
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import optuna
@@ -52,7 +57,7 @@ def test_finds_a_quadratic_minimum_in_far_fewer_trials_than_tpe_or_random(d):
     budget = n_unknowns(d, "full") + 1  # one pairwise design, then the model's minimiser
     gaps = {}
     for name, sampler in {
-        "hidlr": HiDLRSampler(search_space=space, radius=0.3, seed=0),
+        "hidlr": HiDLRSampler(search_space=space, radius=0.3, design="pairwise", seed=0),
         "tpe": optuna.samplers.TPESampler(seed=0),
         "random": optuna.samplers.RandomSampler(seed=0),
     }.items():
@@ -214,9 +219,95 @@ def test_threads_of_one_study_never_take_the_same_design_point():
         return (trial.suggest_float("x", -4, 4) - 1) ** 2 + (trial.suggest_float("y", -4, 4) + 1) ** 2
 
     study.optimize(objective, n_trials=40, n_jobs=4)  # an instant objective: the threads race (23 repeats before)
-    claims = Counter((attrs(study, t)["hidlr:round"], attrs(study, t)["hidlr:index"]) for t in study.trials)
+    claims = Counter(tuple(attrs(study, t)[f"hidlr:{k}"] for k in ("run", "round", "index")) for t in study.trials)
     assert max(claims.values()) == 1
     points = Counter(tuple(t.params.values()) for t in study.trials)
     assert max(points.values()) == 1
     assert study.best_value < 1e-9
     assert pickle.loads(pickle.dumps(sampler))._lock is not sampler._lock  # copies get their own lock
+
+
+def test_bad_trust_region_arguments_are_rejected():
+    with pytest.raises(ValueError, match="min_radius must be in"):
+        HiDLRSampler(radius=0.1, min_radius=0.2)
+    with pytest.raises(ValueError, match="running_timeout"):
+        HiDLRSampler(running_timeout=0)
+    with pytest.raises(ValueError, match="design must be"):
+        HiDLRSampler(design="star")
+
+
+def test_a_stale_running_trial_stops_holding_its_point_after_the_timeout():
+    space = {"x": FloatDistribution(-4, 4), "y": FloatDistribution(-4, 4)}
+    for timeout, expected in ((None, 1), (1e-3, 0)):
+        study = optuna.create_study(sampler=HiDLRSampler(search_space=space, seed=0, running_timeout=timeout))
+        dead = study.ask(space)  # a worker that died holding design point 0: never told
+        time.sleep(0.01)
+        assert attrs(study, study.ask(space))["hidlr:index"] == expected
+        assert attrs(study, dead)["hidlr:index"] == 0
+
+
+def test_the_centre_is_the_best_point_and_a_poor_model_shrinks_the_region_then_restarts():
+    # |x| + |y|: not quadratic, so model steps keep falling short of their prediction.
+    space = {"x": FloatDistribution(-4, 4), "y": FloatDistribution(-4, 4)}
+    study = optuna.create_study(sampler=HiDLRSampler(search_space=space, seed=0, min_radius=1e-3))
+    study.optimize(lambda t: abs(t.suggest_float("x", -4, 4) - 1.3) + abs(t.suggest_float("y", -4, 4)), n_trials=60)
+    models = [t for t in study.trials if attrs(study, t)["hidlr:kind"] == "model"]
+    assert models and min(attrs(study, t)["hidlr:radius"] for t in models) < 0.25  # shrunk
+    for t in models:  # every step starts from the best point of its run so far
+        a = attrs(study, t)
+        earlier = [s for s in study.trials[: t.number] if attrs(study, s)["hidlr:run"] == a["hidlr:run"]]
+        done = [s for s in earlier if s.state == TrialState.COMPLETE]
+        if done:
+            assert a["hidlr:base"] == min(s.value for s in done)
+    assert max(attrs(study, t)["hidlr:run"] for t in study.trials) >= 1  # converged, then restarted elsewhere
+    assert study.best_value < 0.05
+
+
+WORKER = """
+import sys, time, optuna
+from optuna.distributions import FloatDistribution
+from hidlr_hpo import HiDLRSampler
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+storage = sys.argv[1]
+if storage.startswith("journal:"):
+    from optuna.storages.journal import JournalFileBackend
+    storage = optuna.storages.JournalStorage(JournalFileBackend(storage[len("journal:"):]))
+space = {"x": FloatDistribution(-4, 4), "y": FloatDistribution(-4, 4)}
+study = optuna.load_study(study_name="s", storage=storage, sampler=HiDLRSampler(search_space=space, seed=int(sys.argv[2])))
+
+def objective(trial):
+    x, y = trial.suggest_float("x", -4, 4), trial.suggest_float("y", -4, 4)
+    time.sleep(0.005)
+    return (x - 1) ** 2 + 3 * (y + 1) ** 2 + abs(x * y)
+
+study.optimize(objective, n_trials=25)
+"""
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "journal"])
+def test_two_processes_never_evaluate_the_same_point(tmp_path, backend):
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path / 'study.db'}"
+        optuna.create_study(study_name="s", storage=url)
+    else:
+        from optuna.storages.journal import JournalFileBackend
+
+        path = tmp_path / "study.log"
+        optuna.create_study(study_name="s", storage=optuna.storages.JournalStorage(JournalFileBackend(str(path))))
+        url = f"journal:{path}"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    workers = [
+        subprocess.Popen([sys.executable, "-c", WORKER, url, str(seed)], env=env, stderr=subprocess.PIPE, text=True)
+        for seed in (0, 1)
+    ]
+    for worker in workers:
+        _, err = worker.communicate(timeout=300)
+        assert worker.returncode == 0, err
+    if backend == "sqlite":
+        study = optuna.load_study(study_name="s", storage=url)
+    else:
+        study = optuna.load_study(study_name="s", storage=optuna.storages.JournalStorage(JournalFileBackend(str(path))))
+    trials = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(trials) == 50
+    points = Counter((round(t.params["x"], 12), round(t.params["y"], 12)) for t in trials)
+    assert max(points.values()) == 1  # no point evaluated twice
