@@ -95,7 +95,8 @@ class HiDLRSampler(BaseSampler):
         mode: the model: ``"full"`` (cross terms, which learn rotation and scaling) or ``"diag"``. A model
             with fewer points near the centre than unknowns falls back to diag.
         design: each run's first points: ``"axial"`` (2d + 1), ``"pairwise"`` (the full model's
-            (d + 1)(d + 2) / 2: exact on quadratics after one step) or an int (a random design).
+            (d + 1)(d + 2) / 2: exact on quadratics after one step), an int (a random design) or a (P, d)
+            tensor of offsets in radii.
             Default: pairwise for the full model up to 5 parameters, axial otherwise.
         x0: the first run's centre, in parameter units (default: the middle of each range; the geometric
             middle for log-scaled parameters).
@@ -128,7 +129,9 @@ class HiDLRSampler(BaseSampler):
         self._warned: set[str] = set()
         self._mode = check_mode(mode)
         if design is not None and not (
-            design in ("axial", "pairwise") or (isinstance(design, int) and not isinstance(design, bool) and design > 0)
+            isinstance(design, torch.Tensor)
+            or design in ("axial", "pairwise")
+            or (isinstance(design, int) and not isinstance(design, bool) and design > 0)
         ):
             raise ValueError(f"design must be 'axial', 'pairwise' or a number of random points, got {design!r}")
         self._design = design
@@ -447,7 +450,7 @@ class HiDLRSampler(BaseSampler):
         design = self._design
         if design is None:
             design = "pairwise" if self._mode == "full" and k <= 5 else "axial"
-        mode = "full" if design == "pairwise" else "diag"
+        mode = {"pairwise": "full", "axial": "diag"}.get(design, self._mode) if isinstance(design, str) else self._mode
         # A random design must be the same for every worker and every call: seed it from the design size.
         gen = torch.Generator().manual_seed(design) if isinstance(design, int) else None
         return make_design(design, k, mode, 1.0, generator=gen).numpy()
