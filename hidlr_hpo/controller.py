@@ -540,17 +540,21 @@ class HiDLR(torch.optim.Optimizer):
             loss = float(loss.detach())
         if isinstance(loss, bool) or not isinstance(loss, (int, float)):
             raise TypeError(f"report_validation takes a float loss, got {type(loss).__name__}")
-        loss = float(loss)
+        # Under DDP every rank cuts at the same report: the mean of the ranks' losses (NaN if any is NaN).
+        loss = float(mean_over_ranks(torch.tensor([float(loss)], dtype=torch.float64))[0])
         if not math.isfinite(loss):
             return False
         best = self.best_validation
         if best is None or loss < best:
             self.best_validation = loss
-        if best is None or loss <= best + self.plateau_threshold * abs(best):
+        # Margins relative to the best, with a floor so that a best of 0 (an error rate) does not make any
+        # positive loss a rise.
+        margin = max(abs(best), 1e-6) if best is not None else 0.0  # 1e-6: float32 round-off of a mean
+        if best is None or loss <= best + self.plateau_threshold * margin:
             self.bad_reports = 0
             return False
         self.bad_reports += 1
-        jump = self.plateau_jump is not None and loss > best + self.plateau_jump * abs(best)
+        jump = self.plateau_jump is not None and loss > best + self.plateau_jump * margin
         if self.plateau_factor is None or (self.bad_reports <= self.plateau_patience and not jump):
             return False
         self.bad_reports = 0
@@ -874,6 +878,8 @@ class HiDLR(torch.optim.Optimizer):
         if missing:
             raise ValueError(f"state_dict['hidlr'] is missing {missing}; was it saved by HiDLR.state_dict()?")
         mine, saved = self.config(), _plain(state["config"])
+        if isinstance(saved, dict) and "plateau" not in saved:  # saved before the plateau guard: it had none
+            saved["plateau"] = [None, *mine["plateau"][1:]]
         if not isinstance(saved, dict) or saved != mine:
             differ = sorted(key for key in mine if not isinstance(saved, dict) or saved.get(key) != mine.get(key))
             detail = (
@@ -881,7 +887,12 @@ class HiDLR(torch.optim.Optimizer):
                 if isinstance(saved, dict)
                 else repr(saved)
             )
-            raise ValueError(f"the checkpoint was saved by a HiDLR with other settings ({detail}); build it alike")
+            hint = ""
+            if isinstance(saved, dict) and saved.get("plateau", [0])[0] is None and self.plateau_factor is not None:
+                hint = " (a checkpoint without the plateau guard: pass believable_ratio=None, plateau_factor=None)"
+            raise ValueError(
+                f"the checkpoint was saved by a HiDLR with other settings ({detail}); build it alike{hint}"
+            )
         k = self.num_groups
         multipliers = _float_vector(state["multipliers"], k, "multipliers", positive=True)
         last_applied = _float_vector(state["last_applied"], k, "last_applied", positive=False)

@@ -235,7 +235,9 @@ class HiDLRSampler(BaseSampler):
             # both moved cannot meet again.
             retry = np.random.default_rng([trial.number, attempt]) if attempt else None
             attrs = self._choose(study, trials, space, names, retry)
-            for key, value in attrs.items():
+            # The point last: a trial interrupted while writing (Ctrl-C, a locked database) holds no point and
+            # the replay, which reads only trials with one, never sees half of a record.
+            for key, value in sorted(attrs.items(), key=lambda item: item[0] == "point"):
                 storage.set_trial_system_attr(trial._trial_id, _PREFIX + key, value)
             u = np.array(attrs["point"])
             # Another process may have chosen the same point meanwhile. Whichever of the two reads after the
@@ -266,7 +268,7 @@ class HiDLRSampler(BaseSampler):
         d = len(names)
         state = self._replay(study, trials, space)
         members = [t for t in trials if t.system_attrs.get(_PREFIX + "run") == state.run]
-        taken = [np.array(t.system_attrs[_PREFIX + "point"]) for t in trials if self._holds(t)]  # any run's
+        taken = [self._point(t, space) for t in trials if self._holds(t)]  # any run's
         record = {"names": names, "run": state.run, "center": state.center.tolist(), "radius": state.radius}
         round_ = state.steps + 1
         index = sum(1 for t in members if t.system_attrs.get(_PREFIX + "round") == round_)
@@ -278,7 +280,7 @@ class HiDLRSampler(BaseSampler):
         if retry is not None:
             offset = retry.uniform(-1.0, 1.0, size=d)
             u = np.clip(state.center + state.radius * offset, 0.0, 1.0)
-            return {**step, "kind": "explore", "point": u.tolist()}
+            return {**step, "kind": "explore", "point": u.tolist(), "predicted": None, "base": None}
         if state.steps == 0:  # the run's design around its starting centre: the first point nobody holds
             start = self._start(space, state.run)
             for index, offset in enumerate(self._design_points(d)):
@@ -287,19 +289,26 @@ class HiDLRSampler(BaseSampler):
                     return {**record, "kind": "design", "round": 0, "index": index, "point": u.tolist()}
         design_running = state.steps == 0 and any(t.state in _LIVE for t in members)
         if not design_running and math.isfinite(state.best):
-            done = [t for t in members if t.state == TrialState.COMPLETE and self._complete(t, names)]
+            done = [
+                t
+                for t in members
+                if t.state == TrialState.COMPLETE and self._complete(t, names) and _PREFIX + "point" in t.system_attrs
+            ]
             proposal = self._model_step(study, done, state, d)
             if proposal is None or not free(proposal[0]):
                 # The model sees no improvement in the region, or only at a point already evaluated (another
-                # run's optimum, another worker's step): probe a random direction at half the radius, as a
-                # model step predicting a tiny gain, so that no gain there shrinks the region.
+                # run's optimum, another worker's step): probe a random direction at half the radius (inside
+                # it where the cube's edge folds that back onto a known point), as a model step predicting a
+                # tiny gain, so that no gain there shrinks the region.
                 u = self._random_point(state.center, 0.5 * state.radius, d, on_boundary=True)
+                while not free(u):
+                    u = self._random_point(state.center, 0.5 * state.radius, d)
                 return {**step, "kind": "model", "point": u.tolist(), "predicted": 1e-12, "base": state.best}
             u, predicted = proposal
             return {**step, "kind": "model", "point": u.tolist(), "predicted": predicted, "base": state.best}
         # The step is another worker's, or the design still runs: more data for the same model.
         u = self._random_point(state.center, state.radius, d)
-        return {**step, "kind": "explore", "point": u.tolist()}
+        return {**step, "kind": "explore", "point": u.tolist(), "predicted": None, "base": None}
 
     def _random_point(self, center: np.ndarray, radius: float, d: int, on_boundary: bool = False) -> np.ndarray:
         offset = self._rng.uniform(-1.0, 1.0, size=d)
@@ -307,10 +316,17 @@ class HiDLRSampler(BaseSampler):
             offset /= max(float(np.max(np.abs(offset))), 1e-12)
         return np.clip(center + radius * offset, 0.0, 1.0)
 
+    def _point(self, t: FrozenTrial, space: Mapping[str, BaseDistribution]) -> np.ndarray:
+        """A trial's point in the unit cube: as recorded, or from its parameters (a trial of an older version)."""
+        if _PREFIX + "point" in t.system_attrs:
+            return np.array(t.system_attrs[_PREFIX + "point"])
+        return np.array([self._to_unit(d, t.params[n]) for n, d in space.items()])
+
     def _holds(self, t: FrozenTrial) -> bool:
         """Whether a trial holds its point: finished, or live and (with a timeout) recent."""
         if _PREFIX + "point" not in t.system_attrs:
-            return False
+            names = t.system_attrs.get(_PREFIX + "names", [])
+            return t.state in _FINISHED and bool(names) and all(n in t.params for n in names)  # an older version's
         if t.state in _FINISHED:
             return True
         if t.state not in _LIVE:
@@ -331,7 +347,9 @@ class HiDLRSampler(BaseSampler):
         """The state after the finished trials, in the order of their numbers."""
         names = list(space)
         n_design = len(self._design_points(len(names)))
-        state = _Run(0, self._start(space, 0), self._radius0, math.inf, 0)
+        # Restarts are final: a late trial of an earlier run (a slow worker's) cannot take the search back.
+        run = max((t.system_attrs.get(_PREFIX + "run", 0) for t in trials), default=0)
+        state = _Run(run, self._start(space, run), self._radius0, math.inf, 0)
         designed = 0  # finished design points of this run
         sign = -1.0 if study.direction == StudyDirection.MAXIMIZE else 1.0
         for t in sorted(trials, key=lambda t: t.number):
@@ -342,7 +360,7 @@ class HiDLRSampler(BaseSampler):
             y = sign * float(t.value) if t.state == TrialState.COMPLETE and self._complete(t, names) else math.inf
             u = np.array(a[_PREFIX + "point"])
             kind = a.get(_PREFIX + "kind")
-            if kind == "model":
+            if kind == "model" and a.get(_PREFIX + "predicted") is not None and a.get(_PREFIX + "base") is not None:
                 state.steps += 1
                 gain = a[_PREFIX + "base"] - y  # the actual improvement over the centre the step started from
                 rho = gain / a[_PREFIX + "predicted"] if math.isfinite(y) else -math.inf
@@ -428,9 +446,10 @@ class HiDLRSampler(BaseSampler):
             raise ValueError("no trial of this study was sampled by HiDLRSampler yet")
         names = modelled[-1].system_attrs[_PREFIX + "names"]
         trials = [t for t in modelled if self._in_space(t, names)]
-        space = {n: trials[-1].distributions[n] for n in names if n in trials[-1].distributions}
-        if len(space) != len(names):
-            raise ValueError("the latest modelled trial has not suggested every modelled parameter yet")
+        complete = [t for t in trials if self._complete(t, names)]
+        if not complete:
+            raise ValueError("no trial has suggested every modelled parameter yet")
+        space = self._search_space or {n: complete[-1].distributions[n] for n in names}
         state = self._replay(study, trials, space)
         done = [
             t for t in trials if t.state == TrialState.COMPLETE and t.system_attrs.get(_PREFIX + "run") == state.run

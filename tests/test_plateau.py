@@ -148,3 +148,25 @@ def test_the_guard_state_survives_a_checkpoint_and_bad_values_are_refused():
     _, _, changed = setup(plateau_factor=0.7)
     with pytest.raises(ValueError, match="plateau: saved"):
         changed.load_state_dict(state)
+
+
+def test_a_best_of_zero_does_not_make_every_positive_loss_a_rise():
+    _, _, hidlr = setup()
+    hidlr.report_validation(0.0)  # an error rate can reach 0
+    assert hidlr.report_validation(1e-9) is False and hidlr.report_validation(1e-9) is False
+    assert hidlr.multipliers.tolist() == [1.0, 1.0]
+
+
+def test_a_checkpoint_from_before_the_plateau_guard_loads_into_a_hidlr_without_it():
+    model, opt, old = setup(believable_ratio=None, plateau_factor=None)
+    refit_once(model, opt, old)
+    state = copy.deepcopy(old.state_dict())
+    del state["hidlr"]["config"]["plateau"]  # as HiDLR saved it before 2026-12-02
+    for key in ("best_validation", "ceiling", "plateau_cuts", "bad_reports"):
+        del state["hidlr"][key]
+    _, _, default = setup()
+    with pytest.raises(ValueError, match="pass believable_ratio=None, plateau_factor=None"):
+        default.load_state_dict(state)
+    _, _, alike = setup(believable_ratio=None, plateau_factor=None)
+    alike.load_state_dict(state)
+    assert alike.step_count == 1 and alike.best_validation is None and alike.plateau_cuts == []

@@ -273,7 +273,8 @@ if storage.startswith("journal:"):
     from optuna.storages.journal import JournalFileBackend
     storage = optuna.storages.JournalStorage(JournalFileBackend(storage[len("journal:"):]))
 space = {"x": FloatDistribution(-4, 4), "y": FloatDistribution(-4, 4)}
-study = optuna.load_study(study_name="s", storage=storage, sampler=HiDLRSampler(search_space=space, seed=int(sys.argv[2])))
+sampler = HiDLRSampler(search_space=space, seed=int(sys.argv[2]))
+study = optuna.load_study(study_name="s", storage=storage, sampler=sampler)
 
 def objective(trial):
     x, y = trial.suggest_float("x", -4, 4), trial.suggest_float("y", -4, 4)
@@ -311,3 +312,74 @@ def test_two_processes_never_evaluate_the_same_point(tmp_path, backend):
     assert len(trials) == 50
     points = Counter((round(t.params["x"], 12), round(t.params["y"], 12)) for t in trials)
     assert max(points.values()) == 1  # no point evaluated twice
+
+
+def test_an_optimum_on_a_bound_in_one_dimension_converges_without_repeating_a_point():
+    study = optuna.create_study(sampler=HiDLRSampler(search_space={"x": FloatDistribution(-1, 1)}, seed=0))
+    study.optimize(lambda t: (t.suggest_float("x", -1, 1) - 2) ** 2, n_trials=60)  # the minimum is at x = 1
+    assert study.best_value == pytest.approx(1.0, abs=1e-9)
+    points = Counter(attrs(study, t)["hidlr:point"][0] for t in study.trials)
+    assert max(points.values()) == 1  # the probes of a collapsing region stay new points
+    assert max(attrs(study, t)["hidlr:run"] for t in study.trials) >= 1  # the region collapsed: a restart
+
+
+def test_a_trial_interrupted_while_its_point_is_recorded_does_not_break_the_study():
+    space = {"x": FloatDistribution(-4, 4), "y": FloatDistribution(-4, 4)}
+    study = optuna.create_study(sampler=HiDLRSampler(search_space=space, seed=0))
+
+    def objective(t):
+        return (t.suggest_float("x", -4, 4) - 1) ** 2 + (t.suggest_float("y", -4, 4) + 1) ** 2 + abs(t.params["x"])
+
+    study.optimize(objective, n_trials=7)
+    write = study._storage.set_trial_system_attr
+
+    def interrupted(trial_id, key, value):
+        if key == "hidlr:point":
+            raise KeyboardInterrupt  # Ctrl-C, or a locked database, between two attribute writes
+        write(trial_id, key, value)
+
+    study._storage.set_trial_system_attr = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        study.optimize(objective, n_trials=1)
+    study._storage.set_trial_system_attr = write
+    assert study.trials[-1].state == TrialState.FAIL and "hidlr:point" not in study.trials[-1].system_attrs
+    study.optimize(objective, n_trials=10)  # the half-written trial is ignored
+    assert all(t.state == TrialState.COMPLETE for t in study.trials[-10:])
+
+
+def test_a_late_trial_of_an_earlier_run_does_not_take_the_search_back():
+    space = {"x": FloatDistribution(-4, 40), "y": FloatDistribution(-4, 40)}
+
+    def f(p):
+        return (p["x"] - 37.8) ** 2 + (p["y"] - 37.8) ** 2
+
+    sampler = HiDLRSampler(search_space=space, seed=0, radius=0.1, min_radius=0.06)
+    study = optuna.create_study(sampler=sampler)
+    for _ in range(7):  # the design and a first model step
+        trial = study.ask(space)
+        study.tell(trial, f(trial.params))
+    slow, b, c = study.ask(space), study.ask(space), study.ask(space)  # three workers at once
+    study.tell(b, state=TrialState.FAIL)
+    study.tell(c, state=TrialState.FAIL)  # the region collapses: the next trial starts run 1
+    restarted = study.ask(space)
+    assert attrs(study, restarted)["hidlr:run"] == 1
+    study.tell(slow, f(slow.params))  # run 0's slow worker finishes late
+    study.tell(restarted, f(restarted.params))
+    assert attrs(study, study.ask(space))["hidlr:run"] == 1
+
+
+def test_trials_of_an_older_version_are_not_asked_again():
+    space = {"x": FloatDistribution(-4, 4), "y": FloatDistribution(-4, 4)}
+    study = optuna.create_study()
+    # A trial the previous sampler recorded (no point attribute) at the first design point, the centre.
+    study.add_trial(
+        optuna.trial.create_trial(
+            params={"x": 0.0, "y": 0.0},
+            distributions=space,
+            value=2.0,
+            system_attrs={"hidlr:names": ["x", "y"], "hidlr:round": 0, "hidlr:index": 0},
+        )
+    )
+    study.sampler = HiDLRSampler(search_space=space, seed=0)
+    first = study.ask(space)
+    assert (first.params["x"], first.params["y"]) != (0.0, 0.0) and attrs(study, first)["hidlr:index"] == 1
