@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from .controller import HiDLR, RefitRecord
 from .curvature import QuadraticFit, Safeguards, fit_quadratic
+from .freezing import FreezePolicy
 from .groups import group_parameters
 from .probe import Prober
 from .sampler import HiDLRSampler
 
 __all__ = [
+    "FreezePolicy",
     "HiDLR",
     "HiDLRSampler",
     "Prober",

@@ -119,8 +119,24 @@ class HiDLRMethod(_BaseOptimizer):
     horizon: bool = True
     grouping: str | None = None
     options: dict[str, object] = Field(default_factory=dict, description="more HiDLR keyword arguments")
+    freeze: dict[str, object] | None = Field(
+        None, description="automatic PEFT: FreezePolicy's fields (budget, threshold, warmup, ...); none: no freezing"
+    )
 
     _lr = field_validator("lr")(_positive_lr)
+
+    @field_validator("freeze")
+    @classmethod
+    def _valid_freeze(cls, value: dict[str, object] | None) -> dict[str, object] | None:
+        if value is not None:
+            from .freezing import FreezePolicy
+
+            known = set(FreezePolicy.__dataclass_fields__)
+            unknown = sorted(set(value) - known)
+            if unknown:
+                raise ValueError(f"freeze has unknown keys {unknown}; it takes {sorted(known)}")
+            FreezePolicy(**value)  # type: ignore[arg-type]  # its own checks, at load time
+        return value
 
     @model_validator(mode="after")
     def _valid_combination(self) -> HiDLRMethod:
@@ -320,7 +336,9 @@ def describe_method(method: MethodConfig) -> str:
         if method.preset == "gen":
             return f"GeN preset (interval 4, R^2 >= 0.99) on {opt}, from lr={method.lr:g}, probe {method.probe}"
         groups = "one group (GeN)" if method.grouping == "single" else "task groups"
-        return f"Hi-DLR {method.mode} on {opt}, {groups}, from lr={method.lr:g}, probe {method.probe}"
+        freeze = method.freeze or {}
+        frozen = ", freezing " + ", ".join(f"{k}={v}" for k, v in freeze.items()) if freeze else ""
+        return f"Hi-DLR {method.mode} on {opt}, {groups}, from lr={method.lr:g}, probe {method.probe}{frozen}"
     schedule = "" if method.schedule == "constant" else f", {method.schedule} decay"
     if method.warmup:
         schedule += f", warm-up {method.warmup:.0%}"

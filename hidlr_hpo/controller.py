@@ -59,6 +59,7 @@ from .curvature import (
     make_design,
     unchanged_groups,
 )
+from .freezing import FreezePolicy, Freezer
 from .groups import check_param_groups, group_names
 from .inner import InnerSolver, Refit, check_inner, rate_units, refit_rates
 from .probe import LossFn, Prober
@@ -96,6 +97,11 @@ class RefitRecord:
     realised_decrease: float = math.nan
     scheduled_lrs: list[float] = field(default_factory=list)  # the groups' own lr (a scheduler's) at the refit
     gap: int = 0  # steps since the previous refit (0 for the first); the smoothing is scaled to it
+    # HiDLR(freeze=...) only (None without): the groups frozen after this refit, the smoothed influence per
+    # parameter its decision used (NaN where not measured), and the trainable fraction of the parameters.
+    frozen: list[int] | None = None
+    smoothed_influence: list[float] | None = None
+    trainable_fraction: float = 1.0
 
     @property
     def rejected(self) -> bool:
@@ -197,6 +203,10 @@ class HiDLR(torch.optim.Optimizer):
         measure_realised: after each refit, evaluate the loss at the step actually taken (one or two more
             forwards on the probe batch) and record the realised beside the predicted decrease. A diagnostic:
             it changes nothing in training and is counted in ``diagnostic_forwards``, not ``probe_forwards``.
+        freeze: a :class:`~hidlr_hpo.freezing.FreezePolicy`: after each refit, freeze the groups whose
+            measured influence per parameter is negligible (automatic PEFT): ``requires_grad_(False)``, no
+            gradient, no optimizer state, rate 0, skipped by the probes. None (default): nothing is frozen.
+            With ``slope="probes"`` and a named or random design.
         history_size: keep the records of at most this many recent refits in :attr:`history` (None: all).
         assume_rate_linear: accept an optimizer that is not known to be rate-linear (your own, say).
         seed: seeds the random designs.
@@ -235,6 +245,7 @@ class HiDLR(torch.optim.Optimizer):
         batched_probes: bool = False,
         probe_memory_budget: int = 256 * 2**20,
         measure_realised: bool = False,
+        freeze: FreezePolicy | None = None,
         history_size: int | None = 1000,
         assume_rate_linear: bool = False,
         seed: int = 0,
@@ -290,6 +301,16 @@ class HiDLR(torch.optim.Optimizer):
                 "slope='gradient' fits the diagonal model on its own K + 1 point design: use mode='diag', "
                 "inner=None and no design"
             )
+        if freeze is not None:
+            if not isinstance(freeze, FreezePolicy):
+                raise TypeError(
+                    f"freeze must be a FreezePolicy (from hidlr_hpo.freezing) or None, got {type(freeze).__name__}"
+                )
+            if slope != "probes" or isinstance(design, torch.Tensor):
+                raise ValueError(
+                    "freeze= refits the live groups only, on a design built for them: use slope='probes' and a "
+                    "named or random design (not an explicit tensor)"
+                )
         self.slope = slope
         self.inner = inner
         self.eval_mode = eval_mode
@@ -359,6 +380,7 @@ class HiDLR(torch.optim.Optimizer):
             memory_budget=probe_memory_budget,
         )
         self._n_params = [sum(p.numel() for p in g["params"]) for g in optimizer.param_groups]
+        self.freezer = None if freeze is None else Freezer(freeze, self._n_params, total_steps)
         self._grad_sumsq: dict[int, torch.Tensor] = {}  # slope='gradient': |grad|^2 as backward left it
         if slope == "gradient":
             self._check_gradient_function()
@@ -462,6 +484,8 @@ class HiDLR(torch.optim.Optimizer):
         factor = self._horizon_factor(self.step_count)
         # eta = (lr * m) * h in float64, as plain floats (bit-identical to the tensor form; cheaper per step)
         applied = [lr * m * factor for lr, m in zip(scheduled, self.multipliers.tolist(), strict=True)]
+        if self.freezer is not None:  # a frozen group steps with rate 0 (it has no gradient either)
+            applied = [0.0 if frozen else rate for rate, frozen in zip(applied, self.freezer.frozen, strict=True)]
         moving = any(rate > 0 for rate in applied)
         if probe_batch is None and due and self._probe_source is not None and moving:
             probe_batch = self._probe_source.draw()
@@ -486,7 +510,8 @@ class HiDLR(torch.optim.Optimizer):
                 self._check_gradient_unchanged()
             else:  # the gradient comes from the closure: check it as soon as the closure returns
                 closure = _checked_closure(closure, self._check_gradient_unchanged)
-        start = self.prober.snapshot() if refit else None
+        live = None if self.freezer is None else [not f for f in self.freezer.frozen]
+        start = self.prober.snapshot(live) if refit else None
         self._set_lrs(applied)
         stepped = False
         try:
@@ -578,21 +603,30 @@ class HiDLR(torch.optim.Optimizer):
     ) -> torch.Tensor:
         """One refit after the step, ``gap`` steps after the previous one; returns the rates the (rescaled)
         step used."""
-        design = make_design(self.design_spec, self.num_groups, self.mode, self.delta, self._generator)
+        k = self.num_groups
+        # The live groups (all but the frozen ones) are the refit's axes: the design, fit and safeguards see
+        # only them; a frozen group keeps its multiplier and is not probed.
+        live = torch.ones(k, dtype=torch.bool) if self.freezer is None else ~torch.tensor(self.freezer.frozen)
+        idx = live.nonzero().flatten()
+        design = make_design(self.design_spec, len(idx), self.mode, self.delta, self._generator)
         probe_seconds = 0.0
-        moving = applied > 0  # a group whose rate is 0 now (a scheduler's warm-up from 0) did not move
+        moving_all = applied > 0  # a group whose rate is 0 now (a scheduler's warm-up from 0) did not move
+        moving, eta0_live, applied_live = moving_all[idx], eta0[idx], applied[idx]
 
         def evaluate(points: torch.Tensor) -> torch.Tensor:
             nonlocal probe_seconds
             t0 = time.perf_counter()
             # Probe point x (multipliers of eta0) is w(t) + (x_k eta0_k / applied_k) u_k.
-            coeffs = points * torch.where(moving, eta0 / applied.clamp_min(1e-300), torch.zeros_like(eta0))
+            coeffs = torch.zeros(points.shape[0], k, dtype=torch.float64)
+            coeffs[:, idx] = points * torch.where(
+                moving, eta0_live / applied_live.clamp_min(1e-300), torch.zeros_like(eta0_live)
+            )
             losses = mean_over_ranks(self.prober.losses(batch, start, coeffs))
             probe_seconds += time.perf_counter() - t0
             self.probe_forwards += points.shape[0]
             return losses
 
-        unmoved = ~moving | self._unmoved_groups(start)
+        unmoved = (~moving_all | self._unmoved_groups(start))[idx]
 
         def dead(points: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
             """Groups that did not move: rate 0, a zero update, or axis probes bitwise equal to the centre."""
@@ -604,48 +638,56 @@ class HiDLR(torch.optim.Optimizer):
             refit = self._refit_known_slope(start, evaluate, eta0, applied, n_accepted, dead, factor, guards)
         else:
             refit = refit_rates(
-                design, evaluate, eta0, self.mode, guards, n_accepted, self.inner, dead, applied_scale=factor
+                design, evaluate, eta0_live, self.mode, guards, n_accepted, self.inner, dead, applied_scale=factor
             )
         fit, result, losses = refit.fit, refit.result, refit.losses
         self.n_refits += 1
         if not torch.isfinite(losses).all():
             self.n_nonfinite += 1
+        lrs = eta0.clone()
+        lrs[idx] = result.lrs  # a frozen group keeps its level
         if result.rejected:
             self.n_rejected += 1
             new_applied = applied
         else:
             if self.ceiling is not None:  # after a plateau cut the rates may fall, not rise above the cut
-                result.lrs = torch.minimum(result.lrs, self.ceiling * scheduled)
-            new_applied = result.lrs * factor
-            self._rescale_last_step(start, torch.where(moving, new_applied / applied.clamp_min(1e-300), 1.0))
-            # m_k = eta*_k / lr_k; a group with lr 0 keeps its multiplier.
-            self.multipliers = torch.where(scheduled > 0, result.lrs / scheduled.clamp_min(1e-300), self.multipliers)
+                lrs = torch.minimum(lrs, self.ceiling * scheduled)
+            new_applied = torch.where(live, lrs * factor, 0.0)
+            self._rescale_last_step(start, torch.where(moving_all, new_applied / applied.clamp_min(1e-300), 1.0))
+            # m_k = eta*_k / lr_k; a group with lr 0 (or a frozen one) keeps its multiplier.
+            self.multipliers = torch.where(live & (scheduled > 0), lrs / scheduled.clamp_min(1e-300), self.multipliers)
 
         predicted, realised = math.nan, math.nan
         if self.measure_realised:
             if not result.rejected:
-                predicted = fit.L0 - float(fit.predict(new_applied.unsqueeze(0))[0])  # L0 - L(eta taken)
+                predicted = fit.L0 - float(fit.predict(new_applied[idx].unsqueeze(0))[0])  # L0 - L(eta taken)
             realised = self._realised_decrease(batch, start, refit.points, losses)
+        b, a_matrix = _on_all_groups(fit.b, idx, k), _on_all_groups(fit.A, idx, k)
+        fired = {name: [int(idx[g]) for g in groups] for name, groups in result.fired.items()}
+        frozen, smoothed = self._after_refit(b, a_matrix, fired, rejected=result.rejected)
         self.history.append(
             RefitRecord(
                 step=self.step_count,
                 prev_lrs=eta0.tolist(),
-                proposed=result.proposed.tolist(),
-                lrs=result.lrs.tolist(),
+                proposed=_on_all_groups(result.proposed, idx, k).tolist(),
+                lrs=lrs.tolist(),
                 applied_lrs=new_applied.tolist(),
-                b=fit.b.tolist(),
-                A=fit.A.tolist(),
+                b=b.tolist(),
+                A=a_matrix.tolist(),
                 L0=fit.L0,
                 r2=fit.r2,
                 losses=losses.tolist(),
-                influence=influence(fit, self._n_params).tolist(),
-                fired=result.fired,
+                influence=_on_all_groups(influence(fit, [self._n_params[i] for i in idx]), idx, k).tolist(),
+                fired=fired,
                 used_mode=result.used_mode,
                 probe_seconds=probe_seconds,
                 predicted_decrease=predicted,
                 realised_decrease=realised,
                 scheduled_lrs=scheduled.tolist(),
                 gap=gap,
+                frozen=frozen,
+                smoothed_influence=smoothed,
+                trainable_fraction=self.trainable_fraction,
             )
         )
         if self.history_size is not None and len(self.history) > self.history_size:
@@ -684,6 +726,43 @@ class HiDLR(torch.optim.Optimizer):
         result = apply_safeguards(eta0, fit, guards, n_accepted, dead(points, losses), factor)
         return Refit(points, losses, fit, result)
 
+    def _after_refit(
+        self, b: torch.Tensor, a_matrix: torch.Tensor, fired: dict[str, list[int]], rejected: bool
+    ) -> tuple[list[int] | None, list[float] | None]:
+        """Give the refit's measurement to the freezer and carry out its decisions; returns the groups frozen
+        now and the smoothed influence the decision used (None, None without ``freeze=``)."""
+        if self.freezer is None:
+            return None, None
+        if not rejected:
+            self.freezer.observe(self.step_count, b.tolist(), a_matrix.diagonal().tolist(), fired.get("dead", []))
+        smoothed = self.freezer.influence()  # before a thaw resets a group's average
+        freeze, thaw = self.freezer.decide(self.step_count)
+        self._set_frozen(freeze, thaw)
+        return [i for i, f in enumerate(self.freezer.frozen) if f], smoothed
+
+    def _set_frozen(self, freeze: list[int], thaw: list[int]) -> None:
+        """Freeze for real: no gradient (so backward skips the group), no optimizer state (freed); or thaw."""
+        for k in freeze:
+            for p in self._base.param_groups[k]["params"]:
+                p.requires_grad_(False)
+                p.grad = None
+                self._base.state.pop(p, None)
+        for k in thaw:
+            for p in self._base.param_groups[k]["params"]:
+                p.requires_grad_(True)
+
+    @property
+    def frozen_groups(self) -> list[str]:
+        """The names of the groups frozen now (``freeze=``)."""
+        if self.freezer is None:
+            return []
+        return [name for name, f in zip(self.group_names, self.freezer.frozen, strict=True) if f]
+
+    @property
+    def trainable_fraction(self) -> float:
+        """The fraction of the groups' parameters not frozen (1 without ``freeze=``)."""
+        return 1.0 if self.freezer is None else self.freezer.trainable_fraction
+
     def _guards_after(self, gap: int) -> Safeguards:
         """The safeguards for a refit ``gap`` steps after the last: smoothing s^(gap / interval), so that an
         exponential average over refits keeps its time constant in steps when the gap grows."""
@@ -705,11 +784,11 @@ class HiDLR(torch.optim.Optimizer):
         self.gap = next_gap(self.recent_changes, self.gap, self.interval, self.max_interval)
         self.next_refit = self.step_count + self.gap
 
-    def _unmoved_groups(self, start: list[list[torch.Tensor]]) -> torch.Tensor:
-        """Groups whose update u_k is exactly zero (no gradient, no decay)."""
+    def _unmoved_groups(self, start: list[list[torch.Tensor] | None]) -> torch.Tensor:
+        """Groups whose update u_k is exactly zero (no gradient, no decay), frozen ones (no start) included."""
         return torch.tensor(
             [
-                all(torch.equal(p, s) for p, s in zip(group, g_start, strict=True))
+                g_start is None or all(torch.equal(p, s) for p, s in zip(group, g_start, strict=True))
                 for group, g_start in zip(self.prober.groups, start, strict=True)
             ]
         )
@@ -826,6 +905,7 @@ class HiDLR(torch.optim.Optimizer):
             "inner": None if self.inner is None else ("hidlr" if self.inner == "hidlr" else "sampler factory"),
             "safeguards": _plain(asdict(self.guards)),
             "plateau": [self.plateau_factor, self.plateau_threshold, self.plateau_patience, self.plateau_jump],
+            "freeze": None if self.freezer is None else asdict(self.freezer.policy),
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -864,6 +944,7 @@ class HiDLR(torch.optim.Optimizer):
             "ceiling": None if self.ceiling is None else self.ceiling.tolist(),
             "plateau_cuts": list(self.plateau_cuts),
             "bad_reports": self.bad_reports,
+            "freezer": None if self.freezer is None else self.freezer.state_dict(),
             "config": self.config(),
         }
 
@@ -880,6 +961,8 @@ class HiDLR(torch.optim.Optimizer):
         mine, saved = self.config(), _plain(state["config"])
         if isinstance(saved, dict) and "plateau" not in saved:  # saved before the plateau guard: it had none
             saved["plateau"] = [None, *mine["plateau"][1:]]
+        if isinstance(saved, dict) and "freeze" not in saved:  # saved before automatic freezing: it froze nothing
+            saved["freeze"] = None
         if not isinstance(saved, dict) or saved != mine:
             differ = sorted(key for key in mine if not isinstance(saved, dict) or saved.get(key) != mine.get(key))
             detail = (
@@ -943,6 +1026,10 @@ class HiDLR(torch.optim.Optimizer):
             raise ValueError("state_dict['generator'] must be a torch.Generator state (a uint8 tensor)")
         check = torch.Generator()
         check.set_state(generator)  # raises on a malformed state, before anything is assigned
+        freezer = None
+        if self.freezer is not None:
+            freezer = replace(self.freezer, frozen=[], frozen_at=[], average=[], measured=[], events=[])
+            freezer.load_state_dict(state.get("freezer"))  # checked here, assigned below
 
         def assign() -> None:
             self.multipliers, self._last_applied = multipliers, last_applied.tolist()
@@ -953,6 +1040,11 @@ class HiDLR(torch.optim.Optimizer):
             self._generator.set_state(generator)
             self.best_validation = None if best_validation is None else float(best_validation)
             self.ceiling, self.plateau_cuts, self.bad_reports = ceiling, list(cuts), bad_reports
+            if freezer is not None:  # the checkpoint's frozen groups are frozen in this model too
+                self.freezer = freezer
+                self._set_frozen(
+                    [i for i, f in enumerate(freezer.frozen) if f], [i for i, f in enumerate(freezer.frozen) if not f]
+                )
 
         return assign
 
@@ -1022,6 +1114,19 @@ def next_gap(changes: list[list[float]], gap: int, shortest: int, longest: int) 
     standard_error = values.std(dim=0) / math.sqrt(len(changes))
     trending = (mean.abs() > 2.0 * standard_error) & (mean.abs() > 1e-12)
     return max(shortest, gap // 2) if bool(trending.any()) else min(longest, gap * 2)
+
+
+def _on_all_groups(values: torch.Tensor, idx: torch.Tensor, k: int) -> torch.Tensor:
+    """A vector (or matrix) over the live groups ``idx`` as one over all K groups, NaN for the frozen ones."""
+    if len(idx) == k:
+        return values
+    shape = (k,) if values.ndim == 1 else (k, k)
+    full = torch.full(shape, math.nan, dtype=values.dtype)
+    if values.ndim == 1:
+        full[idx] = values
+    else:
+        full[idx.unsqueeze(1), idx] = values
+    return full
 
 
 def _plain(value: Any) -> Any:

@@ -75,19 +75,24 @@ class Prober:
         self._names = [[names[id(p)] for p in group] for group in self.groups] if batched else []
         self._point_bytes = sum(p.numel() * p.element_size() for group in self.groups for p in group)
 
-    def snapshot(self) -> list[list[torch.Tensor]]:
-        """An exact copy of every parameter, group by group."""
-        return [[p.detach().clone() for p in group] for group in self.groups]
+    def snapshot(self, live: Sequence[bool] | None = None) -> list[list[torch.Tensor] | None]:
+        """An exact copy of every parameter, group by group; None for a group not ``live`` (a frozen one,
+        which the probes leave as it is)."""
+        live = [True] * len(self.groups) if live is None else live
+        return [
+            [p.detach().clone() for p in group] if keep else None for group, keep in zip(self.groups, live, strict=True)
+        ]
 
     @torch.no_grad()
-    def restore(self, saved: Sequence[Sequence[torch.Tensor]]) -> None:
+    def restore(self, saved: Sequence[Sequence[torch.Tensor] | None]) -> None:
         for group, copies in zip(self.groups, saved, strict=True):
-            for p, s in zip(group, copies, strict=True):
+            for p, s in zip(group, copies or (), strict=False):
                 p.copy_(s)
 
     @torch.no_grad()
-    def losses(self, batch: Any, start: Sequence[Sequence[torch.Tensor]], coeffs: torch.Tensor) -> torch.Tensor:
-        """Loss at each probe point: row j of ``coeffs`` (shape (P, K)) holds c_k for every group k.
+    def losses(self, batch: Any, start: Sequence[Sequence[torch.Tensor] | None], coeffs: torch.Tensor) -> torch.Tensor:
+        """Loss at each probe point: row j of ``coeffs`` (shape (P, K)) holds c_k for every group k; a group
+        whose ``start`` is None (from ``snapshot(live)``) keeps its live values at every point.
 
         Returns a float64 CPU tensor of P losses; the parameters are left exactly as they were.
         """
@@ -104,12 +109,15 @@ class Prober:
                     RuntimeWarning,
                     stacklevel=2,
                 )
-        end = self.snapshot()  # w(t+1): the live values, restored bit-for-bit at the end
+        # w(t+1): the live values, restored bit-for-bit at the end; a group without a start is not probed.
+        end = self.snapshot([g is not None for g in start])
         values = []
         try:
             with self._no_trace():
                 for row in coeffs.tolist():
                     for group, g_start, g_end, c in zip(self.groups, start, end, row, strict=True):
+                        if g_start is None:
+                            continue
                         for p, s, e in zip(group, g_start, g_end, strict=True):
                             torch.lerp(s, e, c, out=p)  # w(c) = w(t) + c * (w(t+1) - w(t))
                     values.append(_scalar_loss(self.loss_fn(self.model, batch)))
@@ -137,7 +145,7 @@ class Prober:
                         live.copy_(saved)
 
     def _losses_batched(
-        self, batch: Any, start: Sequence[Sequence[torch.Tensor]], coeffs: torch.Tensor
+        self, batch: Any, start: Sequence[Sequence[torch.Tensor] | None], coeffs: torch.Tensor
     ) -> torch.Tensor:
         """vmap over the probe points; each point's parameters go to functional_call, the live ones stay."""
         wrapper = _LossModule(self.model, self.loss_fn)
@@ -149,6 +157,8 @@ class Prober:
         def loss_at(c: torch.Tensor) -> torch.Tensor:
             params = {}
             for k, (group, g_start, g_names) in enumerate(zip(self.groups, start, self._names, strict=True)):
+                if g_start is None:  # not probed: functional_call uses the live parameters
+                    continue
                 for p, s, name in zip(group, g_start, g_names, strict=True):
                     params[f"model.{name}"] = _lerp(s, p.detach(), c[k])  # w(t) + c_k (w(t+1) - w(t))
             return _scalar_loss(torch.func.functional_call(wrapper, params, (batch,)))

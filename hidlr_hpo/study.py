@@ -64,6 +64,7 @@ from .config import (
     StudyConfig,
 )
 from .config import describe_method as describe
+from .freezing import FreezePolicy
 from .groups import group_parameters
 from .plots import plt, trial_figures
 from .storage import check_storage_url
@@ -711,7 +712,10 @@ def hidlr_kwargs(method: HiDLRMethod) -> dict[str, Any]:
     own = {"mode": method.mode, "interval": method.interval, "horizon": method.horizon}
     if method.preset == "gen":  # GeN's defaults, unless the study file sets a field explicitly
         own = {**GEN_DEFAULTS, **{k: v for k, v in own.items() if k in method.model_fields_set or k == "horizon"}}
-    return {**own, **method.options}
+    kwargs = {**own, **method.options}
+    if method.freeze is not None:
+        kwargs["freeze"] = FreezePolicy(**method.freeze)  # type: ignore[arg-type]
+    return kwargs
 
 
 def _record_numerics(trial: optuna.Trial) -> None:

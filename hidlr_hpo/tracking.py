@@ -8,7 +8,9 @@ Logged with MLflow's own client (Optuna's ``MLflowCallback`` is deprecated and m
   seed as params and the Optuna study name and trial number as tags;
 - in a child run, at every refit (step = optimizer step): each group's rate ``lr/<group>``, ``b/<group>``,
   ``A_kk/<group>``, ``influence/<group>``, ``r2``, ``predicted_decrease``, ``realised_decrease``,
-  ``rejected``, ``probe_seconds`` and ``compute_spent`` (forward-equivalents so far); per epoch:
+  ``rejected``, ``probe_seconds`` and ``compute_spent`` (forward-equivalents so far); with automatic
+  freezing (``freeze``) also ``frozen/<group>`` (1 while frozen), ``smoothed_influence/<group>`` (what the
+  decision used) and ``trainable_fraction``; per epoch:
   ``train_loss``, ``val_loss``, ``val_acc`` and the rate each group stepped with; at the last step the test
   metrics and the total compute; the config, the full A (mode full) and the trial's plots.
 
@@ -28,6 +30,7 @@ import math
 import os
 import re
 import time
+import uuid
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -62,7 +65,10 @@ def _create_sqlite_store(uri: str) -> None:
         return
     from mlflow import MlflowClient
 
-    temporary = file.with_name(f".{file.name}.{os.getpid()}.creating")
+    # Absolute and unique: MLflow caches an engine per URI, so a relative name reused after a chdir (same
+    # process, same name) would reach the cached connection to a file in the previous folder.
+    file = file.absolute()
+    temporary = file.with_name(f".{file.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.creating")
     try:
         MlflowClient(tracking_uri=f"sqlite:///{temporary}").search_experiments(max_results=1)  # runs migrations
         try:
@@ -312,8 +318,14 @@ class TrialRun:
         self._metric("compute_spent", compute, t)
         if record.gap:  # steps since the previous refit: the adaptive schedule (0 for the first refit)
             self._metric("refit_gap", float(record.gap), t)
+        if getattr(record, "frozen", None) is not None:  # automatic PEFT: what is frozen, and on what evidence
+            for k, name in enumerate(group_names):
+                self._metric(f"frozen/{name}", float(k in record.frozen), t)
+                self._metric(f"smoothed_influence/{name}", record.smoothed_influence[k], t)
+            self._metric("trainable_fraction", record.trainable_fraction, t)
         k = len(record.A)
-        if any(record.A[i][j] != 0 for i in range(k) for j in range(k) if i != j):  # a full fit: keep all of A
+        off_diagonal = (record.A[i][j] for i in range(k) for j in range(k) if i != j)
+        if any(a != 0 and math.isfinite(a) for a in off_diagonal):  # a full fit (NaN: a frozen group): keep A
             self._full_a.append({"step": t, "A": record.A, "used_mode": record.used_mode})
 
     def epoch(self, log: Any) -> None:
