@@ -1028,7 +1028,9 @@ class HiDLR(torch.optim.Optimizer):
         check.set_state(generator)  # raises on a malformed state, before anything is assigned
         freezer = None
         if self.freezer is not None:
-            freezer = replace(self.freezer, frozen=[], frozen_at=[], average=[], measured=[], events=[])
+            freezer = replace(
+                self.freezer, frozen=[], frozen_at=[], average=[], averaged=[], measured=[], unbounded=[], events=[]
+            )
             freezer.load_state_dict(state.get("freezer"))  # checked here, assigned below
 
         def assign() -> None:

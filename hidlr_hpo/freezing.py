@@ -121,7 +121,9 @@ class Freezer:
     frozen: list[bool] = field(default_factory=list)
     frozen_at: list[int | None] = field(default_factory=list)
     average: list[float] = field(default_factory=list)  # the exponential average, not yet bias-corrected
+    averaged: list[int] = field(default_factory=list)  # bounded measurements in it (for the bias correction)
     measured: list[int] = field(default_factory=list)  # refits that measured each group since its last thaw
+    unbounded: list[bool] = field(default_factory=list)  # the group's latest measurement had no optimum
     events: list[FreezeEvent] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -138,7 +140,9 @@ class Freezer:
         self.frozen = self.frozen or [False] * k
         self.frozen_at = self.frozen_at or [None] * k
         self.average = self.average or [0.0] * k
+        self.averaged = self.averaged or [0] * k
         self.measured = self.measured or [0] * k
+        self.unbounded = self.unbounded or [False] * k
 
     # ------------------------------------------------------------------------------------------------
     @property
@@ -148,16 +152,24 @@ class Freezer:
         return live / sum(self.n_params)
 
     def influence(self) -> list[float]:
-        """The smoothed influence per parameter of each group (NaN where not measured since its last thaw)."""
+        """The smoothed influence per parameter of each group: +inf while its latest measurement found no
+        optimum (the loss still falls along it), NaN where not measured since its last thaw."""
         s = self.policy.smoothing
-        return [avg / (1.0 - s**n) if n > 0 else math.nan for avg, n in zip(self.average, self.measured, strict=True)]
+        values = []
+        for k, (avg, n) in enumerate(zip(self.average, self.averaged, strict=True)):
+            if self.unbounded[k]:
+                values.append(math.inf)
+            else:
+                values.append(avg / (1.0 - s**n) if n > 0 else math.nan)
+        return values
 
     def observe(self, step: int, b: Sequence[float], a_diag: Sequence[float], dead: Sequence[int] = ()) -> None:
         """Add one refit's measurement: the fitted b_k and A_kk (rate units) of every group.
 
-        A group that did not move (``dead``: no gradient) measures 0. A group whose fit says nothing (NaN,
-        a rejected fit, a frozen group) or that descends without curvature (A_kk <= 0 < b_k: the influence is
-        unbounded, not small) is not measured this time.
+        A group that did not move (``dead``: no gradient) measures 0. A group that descends without curvature
+        (A_kk <= 0 < b_k) has no optimum along its axis: its influence is unbounded, not small, so it counts
+        as +inf until a later refit finds an optimum (the average keeps the bounded measurements only). A
+        group whose fit says nothing (NaN) or a frozen one is not measured.
         """
         s = self.policy.smoothing
         for k, (bk, ak) in enumerate(zip(b, a_diag, strict=True)):
@@ -165,12 +177,18 @@ class Freezer:
                 continue
             if k in dead:
                 value = 0.0
-            elif not (math.isfinite(bk) and math.isfinite(ak)) or (ak <= 0 < bk):
+            elif not (math.isfinite(bk) and math.isfinite(ak)):
+                continue
+            elif ak <= 0 < bk:
+                self.unbounded[k] = True
+                self.measured[k] += 1
                 continue
             else:
                 # PPI_k = b_k^2 / (2 A_kk n_k); a direction that does not descend (b_k <= 0) buys nothing.
                 value = bk * bk / (2.0 * ak * self.n_params[k]) if bk > 0 else 0.0
+            self.unbounded[k] = False
             self.average[k] = s * self.average[k] + (1.0 - s) * value
+            self.averaged[k] += 1
             self.measured[k] += 1
 
     def decide(self, step: int) -> tuple[list[int], list[int]]:
@@ -178,7 +196,7 @@ class Freezer:
         thaw = self._due_thaws(step)
         for k in thaw:
             self.frozen[k], self.frozen_at[k] = False, None
-            self.average[k], self.measured[k] = 0.0, 0
+            self.average[k], self.averaged[k], self.measured[k], self.unbounded[k] = 0.0, 0, 0, False
             self.events.append(FreezeEvent(step, k, "thaw", math.nan, self.trainable_fraction))
         if step < self.warmup:
             return [], thaw
@@ -187,8 +205,9 @@ class Freezer:
             return [], thaw  # decide on all live groups at once: the budget compares them with each other
         ppi = self.influence()
         freeze: set[int] = set()
-        if self.policy.threshold is not None:
-            top = max(ppi[k] for k in live)
+        if self.policy.threshold is not None:  # relative to the largest bounded influence; +inf is never frozen
+            bounded = [ppi[k] for k in live if math.isfinite(ppi[k])]
+            top = max(bounded, default=0.0)
             freeze |= {k for k in live if ppi[k] < self.policy.threshold * top}
         if self.policy.budget is not None:
             freeze |= set(live) - set(self._within_budget(live, ppi))
@@ -227,26 +246,34 @@ class Freezer:
             "frozen": list(self.frozen),
             "frozen_at": list(self.frozen_at),
             "average": list(self.average),
+            "averaged": list(self.averaged),
             "measured": list(self.measured),
+            "unbounded": list(self.unbounded),
             "events": [asdict(e) for e in self.events],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Load a :meth:`state_dict`; everything is checked before anything changes."""
         k = len(self.n_params)
-        if not isinstance(state, dict) or set(state) != {"frozen", "frozen_at", "average", "measured", "events"}:
+        keys = ("frozen", "frozen_at", "average", "averaged", "measured", "unbounded")
+        if not isinstance(state, dict) or set(state) != {*keys, "events"}:
             raise ValueError("the freezer's state must be a dict from Freezer.state_dict()")
-        lists = {key: state[key] for key in ("frozen", "frozen_at", "average", "measured")}
+        lists = {key: state[key] for key in keys}
         if not all(isinstance(v, list) and len(v) == k for v in lists.values()):
             raise ValueError(f"the freezer's state holds lists of {k} entries (one per group); was it another model's?")
-        if not all(isinstance(f, bool) for f in lists["frozen"]) or not all(
-            isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in lists["measured"]
-        ):
-            raise ValueError("the freezer's state has a malformed 'frozen' or 'measured' entry")
+        flags_ok = all(isinstance(f, bool) for key in ("frozen", "unbounded") for f in lists[key])
+        counts_ok = all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 0
+            for key in ("averaged", "measured")
+            for n in lists[key]
+        )
+        if not (flags_ok and counts_ok):
+            raise ValueError("the freezer's state has a malformed flag or count")
         try:
             events = [FreezeEvent(**e) for e in state["events"]]
         except TypeError as exc:
             raise ValueError(f"the freezer's state holds a malformed event: {exc}") from exc
         self.frozen, self.frozen_at = list(lists["frozen"]), list(lists["frozen_at"])
-        self.average, self.measured = [float(v) for v in lists["average"]], list(lists["measured"])
+        self.average, self.averaged = [float(v) for v in lists["average"]], list(lists["averaged"])
+        self.measured, self.unbounded = list(lists["measured"]), list(lists["unbounded"])
         self.events = events

