@@ -89,6 +89,15 @@ def test_invalid_study_files_name_the_field(tmp_path):
         load_study_config(bad)
 
 
+def test_one_worker_reports_each_seed_as_it_finishes(tmp_path):
+    path = tmp_path / "small.toml"
+    path.write_text(SMALL.format(db=tmp_path / "studies.db", out=tmp_path / "report").replace("seeds = [0]", "seeds = [0, 1]"))
+    cfg = load_study_config(path)
+    calls: list[list[int]] = []
+    run_study(cfg, show_progress=False, tracking=False, on_seed_done=calls.append)
+    assert calls == [[0], [0, 1]]  # seed 0's table before seed 1 starts, then the final one
+
+
 def test_run_stores_one_trial_per_configuration_and_resumes(small):
     path, cfg = small
     run_study(cfg, show_progress=False)

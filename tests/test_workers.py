@@ -277,7 +277,9 @@ def test_workers_option_runs_helpers_with_one_display(tmp_path):
         env={**os.environ, "COLUMNS": "100"},
     )
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "workers: mean over seeds (1 of 2 seeds)" in run.stdout  # the first table, after seed 0
+    # An early table appears only when seed 0 is finished by both workers before the lead moves on (a race
+    # with two workers; one worker's order is tested in test_study): any early table covers seed 0 alone.
+    assert set(re.findall(r"workers: mean over seeds \((.*?)\)", run.stdout)) <= {"1 of 2 seeds"}
     assert re.search(r"workers: mean over seeds *\n", run.stdout)  # the final one
     cfg = load_study_config(path)
     storage = open_storage(cfg.storage)
