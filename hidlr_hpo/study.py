@@ -737,6 +737,7 @@ def _record(trial: optuna.Trial, result: TrainResult) -> None:
     for key, value in result.summary().items():
         trial.set_user_attr(key, value if math.isfinite(value) else None)
     trial.set_user_attr("probe_compute", result.probe_compute)
+    trial.set_user_attr("trainable_fraction", result.trainable_fraction)  # MLflow has it per refit (freeze=)
     trial.set_user_attr(
         "curve",
         {
@@ -751,6 +752,9 @@ def _record(trial: optuna.Trial, result: TrainResult) -> None:
         h = result.hidlr
         for name, rate in zip(h.group_names, h.lrs(), strict=True):  # one number per group, readable in Optuna
             trial.set_user_attr(f"final_lr_{name}", rate)
+        if h.freezer is not None:  # automatic PEFT: which groups froze, and when
+            trial.set_user_attr("frozen_groups", h.frozen_groups)
+            trial.set_user_attr("freeze_events", [[e.step, h.group_names[e.group], e.action] for e in h.freezer.events])
         trial.set_user_attr(
             "refits",
             {

@@ -53,6 +53,7 @@ class TrainResult:
     probe_compute: float = 0.0  # the part of ``compute`` spent on probes
     steps: int = 0
     wall_seconds: float = 0.0  # training and evaluation; callbacks (tracking) and diagnostics excluded
+    trainable_fraction: float = 1.0  # of the model's parameters, at the end (LoRA, BitFit, HiDLR(freeze=))
     hidlr: HiDLR | None = None
 
     def summary(self) -> dict[str, Any]:
@@ -66,6 +67,12 @@ class TrainResult:
             "steps": self.steps,
             "wall_seconds": self.wall_seconds,
         }
+
+
+def _trainable_fraction(model: nn.Module) -> float:
+    """Parameters that train (``requires_grad``) over all the model's parameters, frozen ones included."""
+    total = sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters() if p.requires_grad) / total if total else 1.0
 
 
 @torch.no_grad()
@@ -306,6 +313,7 @@ def train(
     result.test_loss, result.test_acc = evaluate(model, task, task.test)
     result.compute = 3.0 * examples_trained + probe_examples
     result.probe_compute = float(probe_examples)
+    result.trainable_fraction = _trainable_fraction(model)
     diagnostics = controller.diagnostic_seconds if controller is not None else 0.0
     result.wall_seconds = time.perf_counter() - start - callback_seconds - diagnostics
     return result

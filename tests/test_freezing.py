@@ -273,7 +273,7 @@ def test_a_study_logs_what_froze_when_and_on_what_evidence_to_mlflow(tmp_path, m
     from mlflow import MlflowClient
 
     from hidlr_hpo.config import describe_method, load_study_config
-    from hidlr_hpo.study import run_study
+    from hidlr_hpo.study import optuna_study_name, run_study
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     monkeypatch.chdir(tmp_path)
@@ -305,3 +305,11 @@ def test_a_study_logs_what_froze_when_and_on_what_evidence_to_mlflow(tmp_path, m
     # A frozen group's parameters count out of the trainable fraction.
     live = sum(sizes[g] for g in groups if not expected[g])
     assert fraction[0].value == pytest.approx(live / sum(sizes.values()))
+    # The Optuna trial keeps the end state: the trainable fraction and which groups froze, at which step.
+    study = optuna.load_study(study_name=optuna_study_name(cfg, cfg.methods[0], 0), storage=cfg.storage)
+    (trial,) = study.trials
+    frozen_at_end = [g for g in groups if flags[g][-1].value == 1.0]
+    assert trial.user_attrs["frozen_groups"] == frozen_at_end
+    assert trial.user_attrs["trainable_fraction"] == pytest.approx(fraction[-1].value)
+    events = trial.user_attrs["freeze_events"]
+    assert {name for _, name, action in events if action == "freeze"} >= set(frozen_at_end)
