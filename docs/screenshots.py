@@ -1,12 +1,13 @@
-"""Take the MLflow UI screenshots of docs/tracking.md: a small real study, a real MLflow server, headless Chromium.
+"""Take the MLflow UI and optuna-dashboard screenshots of the docs: a small real study, real servers, headless Chromium.
 
     pip install playwright        # the Python driver only: it drives the system's Chromium, downloads nothing
     apt-get install chromium      # Debian's Chromium
-    python docs/screenshots.py    # writes docs/images/mlflow-*.png (about a minute)
+    python docs/screenshots.py    # writes docs/images/mlflow-*.png and optuna-dashboard-*.png (a few minutes)
 
 The study is digits with one seed and four epochs (Hi-DLR, a 3-point grid, the outer search with successive
 halving), run by ``hidlr_hpo.study.run_study`` into a temporary SQLite store; ``mlflow server`` serves it on a
-loopback port and Playwright opens the pages a user would, in MLflow's "Model training" view.
+loopback port and Playwright opens the pages a user would, in MLflow's "Model training" view; then
+``optuna-dashboard`` serves the study's Optuna storage on another loopback port for the Optuna side.
 """
 
 from __future__ import annotations
@@ -65,6 +66,19 @@ def run_study(root: Path) -> str:
     return uri
 
 
+def _wait(server: subprocess.Popen, url: str, what: str) -> subprocess.Popen:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310
+                if response.status == 200:
+                    return server
+        except OSError:
+            time.sleep(0.5)
+    server.terminate()
+    raise RuntimeError(f"{what} did not answer {url} within 60 s")
+
+
 def serve(uri: str, port: int, root: Path) -> subprocess.Popen:
     mlflow = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
     command = [mlflow, "server", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)]
@@ -73,16 +87,43 @@ def serve(uri: str, port: int, root: Path) -> subprocess.Popen:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:  # noqa: S310
-                if response.status == 200:
-                    return server
-        except OSError:
-            time.sleep(0.5)
-    server.terminate()
-    raise RuntimeError(f"mlflow server did not start on port {port} within 60 s")
+    return _wait(server, f"http://127.0.0.1:{port}/health", "mlflow server")
+
+
+def serve_dashboard(storage: str, port: int) -> subprocess.Popen:
+    dashboard = shutil.which("optuna-dashboard", path=str(Path(sys.executable).parent)) or "optuna-dashboard"
+    server = subprocess.Popen(  # noqa: S603 - our own command line
+        [dashboard, storage, "--host", "127.0.0.1", "--port", str(port), "--quiet"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    return _wait(server, f"http://127.0.0.1:{port}/api/studies", "optuna-dashboard")
+
+
+def shoot_dashboard(port: int, out: Path) -> list[Path]:
+    """The Optuna side: the list of studies (one per method and seed), then the outer search's history."""
+    from playwright.sync_api import sync_playwright
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        raise SystemExit("no chromium on PATH: apt-get install chromium")
+    base = f"http://127.0.0.1:{port}/dashboard"
+    shots = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 820})
+        page.goto(base)
+        page.wait_for_selector("text=digits-tour/hidlr-search/seed0", timeout=60000)
+        page.wait_for_timeout(1500)
+        shots.append(out / "optuna-dashboard-studies.png")
+        page.screenshot(path=str(shots[-1]))
+        page.get_by_text("digits-tour/hidlr-search/seed0").first.click()
+        page.wait_for_selector("svg.main-svg", state="attached", timeout=120000)  # the history plot (plotly)
+        page.wait_for_timeout(3000)  # the plots draw
+        shots.append(out / "optuna-dashboard-search.png")
+        page.screenshot(path=str(shots[-1]))
+        browser.close()
+    return shots
 
 
 def shoot(uri: str, port: int, out: Path) -> list[Path]:
@@ -110,8 +151,10 @@ def shoot(uri: str, port: int, out: Path) -> list[Path]:
                 close.first.click()
                 page.wait_for_timeout(300)
 
-        def save(name: str) -> None:
-            page.wait_for_timeout(1500)  # charts animate in
+        def save(name: str, charts: bool = False) -> None:
+            if charts:  # plotly has drawn the charts (on a busy machine they take a while after the page)
+                page.wait_for_selector("svg.main-svg", state="attached", timeout=120000)
+            page.wait_for_timeout(3000)  # charts animate in
             path = out / name
             page.screenshot(path=str(path))
             shots.append(path)
@@ -130,7 +173,7 @@ def shoot(uri: str, port: int, out: Path) -> list[Path]:
         search.first.wait_for(timeout=60000)
         page.locator(".ag-row").filter(has_text="digits-tour").first.locator("label").first.click()
         search.first.fill("val_loss")
-        save("mlflow-compare.png")
+        save("mlflow-compare.png", charts=True)
 
         # 3. One Hi-DLR trial: the rate Hi-DLR chose for each group at every refit (b and A_kk below).
         page.goto(f"{base}/runs/{hidlr.info.run_id}/model-metrics?{ML_VIEW}")
@@ -138,7 +181,7 @@ def shoot(uri: str, port: int, out: Path) -> list[Path]:
         search.first.wait_for(timeout=60000)
         close_assistant()
         search.first.fill("lr/")
-        save("mlflow-hidlr-rates.png")
+        save("mlflow-hidlr-rates.png", charts=True)
 
         # 4. The parent run: the study's settings as params and each method's result as summary metrics.
         page.goto(f"{base}/runs/{parent.info.run_id}?{ML_VIEW}")
@@ -164,6 +207,13 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait(timeout=30)
+        dashboard = serve_dashboard(f"sqlite:///{root}/optuna.db", args.port + 1)
+        try:
+            for path in shoot_dashboard(args.port + 1, args.out):
+                print(path)
+        finally:
+            dashboard.terminate()
+            dashboard.wait(timeout=30)
 
 
 if __name__ == "__main__":
