@@ -380,7 +380,7 @@ class HiDLR(torch.optim.Optimizer):
             memory_budget=probe_memory_budget,
         )
         self._n_params = [sum(p.numel() for p in g["params"]) for g in optimizer.param_groups]
-        self.freezer = None if freeze is None else Freezer(freeze, self._n_params, total_steps)
+        self.freezer = None if freeze is None else Freezer(freeze, self._n_params, total_steps, self.group_names)
         self._grad_sumsq: dict[int, torch.Tensor] = {}  # slope='gradient': |grad|^2 as backward left it
         if slope == "gradient":
             self._check_gradient_function()

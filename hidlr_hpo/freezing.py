@@ -18,6 +18,8 @@ The policies:
   loss's units cancel);
 
 both after a warm-up (no decision before it), and only for groups measured on at least ``min_refits`` refits.
+``groups=[names]`` instead reuses a pattern found before (on another run, or a narrower model of the same
+family): exactly these groups freeze when the warm-up ends, whatever they measure.
 ``revisit=n`` thaws a group n steps after it froze; it is measured again and frozen again only if it still
 falls outside the policy (so a group whose influence rose comes back).
 
@@ -48,7 +50,10 @@ class FreezePolicy:
         budget: train at most this fraction of the parameters, in (0, 1] (groups chosen greedily by
             influence per parameter); None: no budget.
         threshold: freeze a group whose smoothed influence per parameter is below this fraction of the
-            largest group's, in [0, 1); None: no threshold. At least one of ``budget`` and ``threshold``.
+            largest group's, in [0, 1); None: no threshold. At least one of ``budget``, ``threshold`` and
+            ``groups``.
+        groups: a fixed pattern, the names of the groups to freeze when the warm-up ends (e.g. a previous
+            run's ``HiDLR.frozen_groups``); not with ``budget`` or ``threshold``. None: measure and decide.
         warmup: no freezing before this many steps (an int), or this fraction of ``total_steps`` (a float
             in [0, 1)); the first refits measure a model that is still changing fast.
         min_refits: a group is decided only after this many refits measured it (again after a thaw).
@@ -63,10 +68,20 @@ class FreezePolicy:
     min_refits: int = 3
     smoothing: float = 0.5
     revisit: int | None = None
+    groups: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
-        if self.budget is None and self.threshold is None:
-            raise ValueError("FreezePolicy needs budget= (a fraction of the parameters) or threshold=, or both")
+        if self.groups is not None:
+            if isinstance(self.groups, str) or not all(isinstance(g, str) for g in self.groups):
+                raise ValueError(f"groups must be a list of group names, got {self.groups!r}")
+            object.__setattr__(self, "groups", tuple(self.groups))  # frozen dataclass: hashable, and a list works
+            if self.budget is not None or self.threshold is not None:
+                raise ValueError("FreezePolicy(groups=...) is a fixed pattern: leave budget and threshold unset")
+        elif self.budget is None and self.threshold is None:
+            raise ValueError(
+                "FreezePolicy needs budget= (a fraction of the parameters) or threshold=, or both; or groups= "
+                "(a fixed pattern of group names)"
+            )
         if self.budget is not None and not (0.0 < self.budget <= 1.0):
             raise ValueError(f"budget must be a fraction of the parameters in (0, 1], got {self.budget!r}")
         if self.threshold is not None and not (0.0 <= self.threshold < 1.0):
@@ -118,6 +133,7 @@ class Freezer:
     policy: FreezePolicy
     n_params: list[int]
     total_steps: int | None = None
+    names: list[str] | None = None  # the groups' names: needed by FreezePolicy(groups=...)
     frozen: list[bool] = field(default_factory=list)
     frozen_at: list[int | None] = field(default_factory=list)
     average: list[float] = field(default_factory=list)  # the exponential average, not yet bias-corrected
@@ -131,6 +147,14 @@ class Freezer:
         if k == 0 or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.n_params):
             raise ValueError(f"n_params must be a positive parameter count per group, got {self.n_params!r}")
         self.warmup = self.policy.warmup_steps(self.total_steps)
+        self.pattern: set[int] = set()
+        if self.policy.groups is not None:
+            if self.names is None or len(self.names) != k:
+                raise ValueError("FreezePolicy(groups=...) needs the groups' names (HiDLR gives them)")
+            unknown = sorted(set(self.policy.groups) - set(self.names))
+            if unknown:
+                raise ValueError(f"FreezePolicy(groups=...) names {unknown}, which are not groups; the groups: {self.names}")
+            self.pattern = {self.names.index(g) for g in self.policy.groups}
         budget = self.policy.budget
         if budget is not None and budget * sum(self.n_params) < min(self.n_params):
             raise ValueError(
@@ -201,6 +225,8 @@ class Freezer:
         if step < self.warmup:
             return [], thaw
         live = [k for k, f in enumerate(self.frozen) if not f]
+        if self.policy.groups is not None:  # a fixed pattern: no measurement decides
+            return self._freeze(sorted(k for k in live if k in self.pattern), step), thaw
         if any(self.measured[k] < self.policy.min_refits for k in live):
             return [], thaw  # decide on all live groups at once: the budget compares them with each other
         ppi = self.influence()
@@ -211,11 +237,14 @@ class Freezer:
             freeze |= {k for k in live if ppi[k] < self.policy.threshold * top}
         if self.policy.budget is not None:
             freeze |= set(live) - set(self._within_budget(live, ppi))
-        frozen_now = sorted(freeze)
-        for k in frozen_now:
+        return self._freeze(sorted(freeze), step, ppi), thaw
+
+    def _freeze(self, groups: list[int], step: int, ppi: list[float] | None = None) -> list[int]:
+        for k in groups:
             self.frozen[k], self.frozen_at[k] = True, step
-            self.events.append(FreezeEvent(step, k, "freeze", ppi[k], self.trainable_fraction))
-        return frozen_now, thaw
+            influence = math.nan if ppi is None else ppi[k]
+            self.events.append(FreezeEvent(step, k, "freeze", influence, self.trainable_fraction))
+        return groups
 
     def _within_budget(self, live: list[int], ppi: list[float]) -> list[int]:
         """Greedy by influence per parameter: the live groups that fit the budget, the most influential first.

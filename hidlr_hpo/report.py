@@ -26,7 +26,7 @@ from .config import MethodConfig, StudyConfig, describe_method  # noqa: E402
 from .storage import storage_file  # noqa: E402
 from .study import check_budgets, in_study_file, optuna_study_name  # noqa: E402
 
-__all__ = ["MethodSummary", "collect", "write_report"]
+__all__ = ["MethodSummary", "collect", "paired_verdict", "write_report"]
 
 
 @dataclass
@@ -227,7 +227,7 @@ def _common_seeds(candidate: MethodSummary, reference: MethodSummary) -> list[in
     return [seed for seed in candidate.seeds if seed in reference.seeds]
 
 
-def _verdict(candidate: MethodSummary, reference: MethodSummary, key: str) -> str:
+def paired_verdict(candidate: MethodSummary, reference: MethodSummary, key: str) -> str:
     """'better' / 'worse' only when the paired 95% interval excludes 0; else 'tie'. A run that diverged (a
     non-finite loss) loses its seed: 'worse' when only the method diverged there, 'better' when only the search
     did; the interval is then over the other seeds."""
@@ -273,7 +273,7 @@ def _paired_section(summaries: list[MethodSummary]) -> list[str]:
         for c in candidates:
             cells = []
             for r in references:
-                cell = _verdict(c, r, key)
+                cell = paired_verdict(c, r, key)
                 if key == "final_val_loss":
                     seeds = _common_seeds(c, r)  # the same seeds as the interval
                     spent = [c.compute[c.seeds.index(s)] / r.compute[r.seeds.index(s)] for s in seeds]

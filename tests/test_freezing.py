@@ -91,6 +91,27 @@ def test_policy_rejects_nonsense_with_a_clear_message(kwargs, message):
         FreezePolicy(**kwargs)
 
 
+def test_a_fixed_pattern_freezes_exactly_its_groups_when_the_warmup_ends():
+    freezer = Freezer(FreezePolicy(groups=["b"], warmup=5), n_params=[1, 2, 3], names=["a", "b", "c"])
+    assert freezer.decide(4) == ([], [])  # in the warm-up; no measurement is needed after it
+    assert freezer.decide(5) == ([1], [])
+    assert freezer.frozen == [False, True, False] and freezer.trainable_fraction == pytest.approx(4 / 6)
+    assert freezer.decide(9) == ([], [])  # once
+    with pytest.raises(ValueError, match=r"names \['x'\], which are not groups; the groups: \['a', 'b'\]"):
+        Freezer(FreezePolicy(groups=["x"]), n_params=[1, 1], total_steps=10, names=["a", "b"])
+    with pytest.raises(ValueError, match="fixed pattern: leave budget and threshold unset"):
+        FreezePolicy(groups=["a"], budget=0.5)
+    with pytest.raises(ValueError, match="a list of group names"):
+        FreezePolicy(groups="a")
+
+
+def test_a_pattern_found_by_one_run_freezes_the_same_groups_in_another():
+    _, _, first = _run(FreezePolicy(threshold=0.01, warmup=10, min_refits=2), steps=12)
+    model, opt, again = _run(FreezePolicy(groups=first.frozen_groups, warmup=10), steps=12, seed=1)
+    assert again.frozen_groups == first.frozen_groups == ["side"]
+    assert not model.side.weight.requires_grad and model.side.weight not in opt.state
+
+
 def test_a_budget_no_group_fits_is_refused_at_construction():
     with pytest.raises(ValueError, match="no group fits"):
         Freezer(FreezePolicy(budget=0.01), n_params=[50, 50], total_steps=100)

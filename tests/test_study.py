@@ -246,19 +246,19 @@ def test_baseline_fields_are_validated(small):
 def test_a_win_or_a_loss_needs_a_paired_interval_that_excludes_zero():
     from optuna.trial import create_trial
 
-    from hidlr_hpo.report import MethodSummary, _verdict
+    from hidlr_hpo.report import MethodSummary, paired_verdict
 
     def summary(values, seeds=(0, 1, 2, 3, 4)):
         trials = [create_trial(value=v, user_attrs={"test_loss": v}) for v in values]
         return MethodSummary("m", "hidlr", selected=trials, seeds=list(seeds))
 
     grid = summary([0.10, 0.12, 0.09, 0.11, 0.10])
-    assert _verdict(summary([0.08, 0.10, 0.07, 0.09, 0.08]), grid, "final_val_loss").startswith("**better** -0.0200")
-    assert _verdict(summary([0.12, 0.14, 0.11, 0.13, 0.12]), grid, "test_loss").startswith("**worse** +0.0200")
+    assert paired_verdict(summary([0.08, 0.10, 0.07, 0.09, 0.08]), grid, "final_val_loss").startswith("**better** -0.0200")
+    assert paired_verdict(summary([0.12, 0.14, 0.11, 0.13, 0.12]), grid, "test_loss").startswith("**worse** +0.0200")
     noisy = summary([0.05, 0.16, 0.08, 0.15, 0.06])  # lower on average, but not on every seed
-    assert _verdict(noisy, grid, "final_val_loss").startswith("tie")
+    assert paired_verdict(noisy, grid, "final_val_loss").startswith("tie")
     # Paired by seed, not by position: a method run on seeds 1..3 only is compared with the grid's seeds 1..3.
-    assert _verdict(summary([0.10, 0.07, 0.09], seeds=(1, 2, 3)), grid, "final_val_loss") == (
+    assert paired_verdict(summary([0.10, 0.07, 0.09], seeds=(1, 2, 3)), grid, "final_val_loss") == (
         "**better** -0.0200 [-0.0200, -0.0200]"
     )
 
