@@ -153,7 +153,9 @@ class Freezer:
                 raise ValueError("FreezePolicy(groups=...) needs the groups' names (HiDLR gives them)")
             unknown = sorted(set(self.policy.groups) - set(self.names))
             if unknown:
-                raise ValueError(f"FreezePolicy(groups=...) names {unknown}, which are not groups; the groups: {self.names}")
+                raise ValueError(
+                    f"FreezePolicy(groups=...) names {unknown}, which are not groups; the groups: {self.names}"
+                )
             self.pattern = {self.names.index(g) for g in self.policy.groups}
         budget = self.policy.budget
         if budget is not None and budget * sum(self.n_params) < min(self.n_params):

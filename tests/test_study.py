@@ -91,7 +91,9 @@ def test_invalid_study_files_name_the_field(tmp_path):
 
 def test_one_worker_reports_each_seed_as_it_finishes(tmp_path):
     path = tmp_path / "small.toml"
-    path.write_text(SMALL.format(db=tmp_path / "studies.db", out=tmp_path / "report").replace("seeds = [0]", "seeds = [0, 1]"))
+    path.write_text(
+        SMALL.format(db=tmp_path / "studies.db", out=tmp_path / "report").replace("seeds = [0]", "seeds = [0, 1]")
+    )
     cfg = load_study_config(path)
     calls: list[list[int]] = []
     run_study(cfg, show_progress=False, tracking=False, on_seed_done=calls.append)
@@ -253,7 +255,9 @@ def test_a_win_or_a_loss_needs_a_paired_interval_that_excludes_zero():
         return MethodSummary("m", "hidlr", selected=trials, seeds=list(seeds))
 
     grid = summary([0.10, 0.12, 0.09, 0.11, 0.10])
-    assert paired_verdict(summary([0.08, 0.10, 0.07, 0.09, 0.08]), grid, "final_val_loss").startswith("**better** -0.0200")
+    assert paired_verdict(summary([0.08, 0.10, 0.07, 0.09, 0.08]), grid, "final_val_loss").startswith(
+        "**better** -0.0200"
+    )
     assert paired_verdict(summary([0.12, 0.14, 0.11, 0.13, 0.12]), grid, "test_loss").startswith("**worse** +0.0200")
     noisy = summary([0.05, 0.16, 0.08, 0.15, 0.06])  # lower on average, but not on every seed
     assert paired_verdict(noisy, grid, "final_val_loss").startswith("tie")
