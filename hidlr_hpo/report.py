@@ -97,7 +97,8 @@ def _sd(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def _mean_std(values: list[float], digits: int = 4) -> str:
+def mean_std(values: list[float], digits: int = 4) -> str:
+    """'mean +- std' over seeds, or why there is none (no value, or some not finite)."""
     finite = [v for v in values if math.isfinite(v)]
     if not finite:
         return "-"
@@ -142,10 +143,10 @@ def write_report(cfg: StudyConfig, out_dir: str | Path | None = None, storage: s
             describe_method(_config(cfg, s.name)),
             f"{statistics.mean(s.trials_per_seed):.0f}"
             + (f" ({statistics.mean(s.pruned_per_seed):.0f} pruned)" if any(s.pruned_per_seed) else ""),
-            _mean_std(s.metric("final_val_loss")),
-            _mean_std(s.metric("best_val_loss")),
-            _mean_std(s.metric("test_loss")),
-            _mean_std(s.metric("test_acc"), 3),
+            mean_std(s.metric("final_val_loss")),
+            mean_std(s.metric("best_val_loss")),
+            mean_std(s.metric("test_loss")),
+            mean_std(s.metric("test_acc"), 3),
             f"{compute / 1e3:,.0f}k",
             ratio,
             f"{statistics.mean(s.wall):.1f}",
@@ -245,7 +246,12 @@ def paired_verdict(candidate: MethodSummary, reference: MethodSummary, key: str)
         return f"**better** (the search diverged on seed {', '.join(map(str, won))})"
     if len(finite) < 2:
         return f"tie (n = {len(finite)}: no interval)"
-    mean, low, high = paired_difference([x for x, _ in finite], [y for _, y in finite])
+    return interval_verdict([x for x, _ in finite], [y for _, y in finite])
+
+
+def interval_verdict(a: list[float], b: list[float]) -> str:
+    """The paired verdict of seed-matched values a - b: 'better' / 'worse' only when the 95% interval excludes 0."""
+    mean, low, high = paired_difference(a, b)
     word = "**better**" if high < 0 else "**worse**" if low > 0 else "tie"
     return f"{word} {mean:+.4f} [{low:+.4f}, {high:+.4f}]"
 

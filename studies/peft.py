@@ -19,15 +19,10 @@ from collections import Counter
 from pathlib import Path
 
 from hidlr_hpo.config import load_study_config
-from hidlr_hpo.report import MethodSummary, collect, paired_verdict
+from hidlr_hpo.report import MethodSummary, collect, mean_std, paired_verdict
 
 STUDIES = ("peft_full", "peft_lora", "peft_bitfit")
 FULL, LORA = "full-grid", "lora-grid"
-
-
-def _mean_std(values: list[float], fmt: str = ".4f") -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):{fmt}} +- {sd:{fmt}}"
 
 
 def _configuration(s: MethodSummary) -> str:
@@ -60,8 +55,8 @@ def main(storage: str | None = None) -> None:
             for ref in (FULL, LORA)
         ]
         print(
-            f"| {name} | {_configuration(s)} | {_mean_std(s.metric('test_loss'))} | "
-            f"{_mean_std(s.metric('final_val_loss'))} | {statistics.mean(s.metric('trainable_fraction')):.2%} | "
+            f"| {name} | {_configuration(s)} | {mean_std(s.metric('test_loss'))} | "
+            f"{mean_std(s.metric('final_val_loss'))} | {statistics.mean(s.metric('trainable_fraction')):.2%} | "
             f"{statistics.mean(per_step):.2f} | {statistics.mean(s.compute) / full_compute:.0%} | "
             f"{against[0]} | {against[1]} |"
         )

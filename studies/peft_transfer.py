@@ -30,7 +30,7 @@ import time
 import torch
 
 from hidlr_hpo import FreezePolicy
-from hidlr_hpo.report import paired_difference
+from hidlr_hpo.report import interval_verdict, mean_std
 from hidlr_hpo.tasks.digits import digits_task
 from hidlr_hpo.training import train
 
@@ -71,12 +71,6 @@ def _run(hidden: tuple[int, ...], seed: int, policy: FreezePolicy | None = None)
     )
 
 
-def _verdict(a: list[float], b: list[float]) -> str:
-    mean, low, high = paired_difference(a, b)
-    word = "**better**" if high < 0 else "**worse**" if low > 0 else "tie"
-    return f"{word} {mean:+.4f} [{low:+.4f}, {high:+.4f}]"
-
-
 def main(seeds: list[int], budget: float | None, threshold: float | None) -> None:
     policy = FreezePolicy(budget=budget, threshold=threshold)
     torch.set_num_threads(1)  # one thread: the same floating-point sums on every machine
@@ -105,12 +99,10 @@ def main(seeds: list[int], budget: float | None, threshold: float | None) -> Non
     print("|---|---|---|---|---|---|---|")
     for key, rs in rows.items():
         model = "narrow" if key == "source" else "wide"
-        vs_full = "-" if key in ("source", "full") else _verdict(test(key), test("full"))
-        vs_random = _verdict(test(key), test("random")) if key in ("own", "transferred") else "-"
-        losses = test(key)
-        sd = statistics.stdev(losses) if len(losses) > 1 else 0.0
+        vs_full = "-" if key in ("source", "full") else interval_verdict(test(key), test("full"))
+        vs_random = interval_verdict(test(key), test("random")) if key in ("own", "transferred") else "-"
         print(
-            f"| {key} | {model} | {statistics.mean(losses):.4f} +- {sd:.4f} | "
+            f"| {key} | {model} | {mean_std(test(key))} | "
             f"{statistics.mean(r.trainable for r in rs):.1%} | {statistics.mean(r.wall_s for r in rs):.1f} | "
             f"{vs_full} | {vs_random} |"
         )
