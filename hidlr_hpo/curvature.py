@@ -421,19 +421,20 @@ def unchanged_groups(points: torch.Tensor, losses: torch.Tensor) -> torch.Tensor
         >>> unchanged_groups(points, losses).tolist()
         [False, True]
     """
-    x = points.to(torch.float64)
-    y = losses.reshape(-1)
-    k = x.shape[1]
-    centre = (x == 0).all(dim=1)
-    flags = torch.zeros(k, dtype=torch.bool)
-    if not centre.any() or not torch.isfinite(y[centre]).all():
-        return flags
-    l0 = y[centre][0]
+    # Plain floats: a handful of comparisons, which as tensor operations cost more than the probes' maths.
+    x = points.to(torch.float64).tolist()
+    y = losses.reshape(-1).tolist()
+    k = points.shape[1]
+    centres = [y[i] for i, row in enumerate(x) if all(v == 0 for v in row)]
+    if not centres or not all(math.isfinite(v) for v in centres):
+        return torch.zeros(k, dtype=torch.bool)
+    l0 = centres[0]
+    flags = []
     for j in range(k):
-        others = torch.cat([x[:, :j], x[:, j + 1 :]], dim=1)
-        on_axis = (others == 0).all(dim=1) & (x[:, j] != 0)
-        flags[j] = bool(on_axis.any()) and bool((y[on_axis] == l0).all())
-    return flags
+        # rows on axis j: x_j != 0 and every other coordinate 0
+        on_axis = [y[i] for i, row in enumerate(x) if row[j] != 0 and all(v == 0 for m, v in enumerate(row) if m != j)]
+        flags.append(bool(on_axis) and all(v == l0 for v in on_axis))
+    return torch.tensor(flags, dtype=torch.bool)
 
 
 def apply_safeguards(
@@ -493,26 +494,32 @@ def apply_safeguards(
                 new, nondescent = prev.clone(), torch.zeros(k, dtype=torch.bool)
                 _record(fired, "nonconvex", ~dead)
     if new is None:  # diag: each group on its own axis
-        new = proposed.clone()
         nonconvex = ~torch.isfinite(proposed) & ~dead
         nondescent = (fit.b <= 0) & ~nonconvex & ~dead
-        new[nonconvex | dead] = prev[nonconvex | dead]
-        new[nondescent] = prev[nondescent] * guards.nondescent_shrink
+        # torch.where, not masked assignment: the same values, without a host sync per mask
+        new = torch.where(nonconvex | dead, prev, proposed)
+        new = torch.where(nondescent, prev * guards.nondescent_shrink, new)
         _record(fired, "nonconvex", nonconvex)
     _record(fired, "nondescent", nondescent)
     new = limit_rates(prev, new, guards, n_accepted, fired)
-    new[dead] = prev[dead]  # exactly: smoothing's s * prev + (1 - s) * prev may round; bounds do not apply
+    new = torch.where(dead, prev, new)  # exactly: smoothing's s * prev + (1 - s) * prev may round; no bounds
+    is_dead = dead.tolist()
     for name in [n for n in fired if n != "dead"]:
-        fired[name] = [g for g in fired[name] if not dead[g]]
+        fired[name] = [g for g in fired[name] if not is_dead[g]]
         if not fired[name]:
             del fired[name]
-    chosen, current = fit.predict(torch.stack([new, prev]) * applied_scale).tolist()
-    if used_mode == "full" and chosen > current:
+    if used_mode == "full" and _predicts_no_gain(fit, new, prev, applied_scale):
         # The trust region clips coordinates independently; with strong cross terms that can cost more
         # than it gains. Never choose rates the model itself predicts to be worse than the current ones.
         new = prev.clone()
         fired["no_predicted_gain"] = all_groups
     return SafeguardResult(new, proposed, fired, used_mode)
+
+
+def _predicts_no_gain(fit: QuadraticFit, new: torch.Tensor, prev: torch.Tensor, applied_scale: float) -> bool:
+    """Whether the model predicts the new rates to be worse than the previous ones (at the applied scale)."""
+    chosen, current = fit.predict(torch.stack([new, prev]) * applied_scale).tolist()
+    return chosen > current
 
 
 def solve_keeping(

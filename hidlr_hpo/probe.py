@@ -112,14 +112,18 @@ class Prober:
         # w(t+1): the live values, restored bit-for-bit at the end; a group without a start is not probed.
         end = self.snapshot([g is not None for g in start])
         values = []
+        # The coefficient each group's parameters hold now (None: w(t+1)). An axial design changes one group
+        # per point, so most groups keep theirs from one point to the next and need no new lerp.
+        held: list[float | None] = [None] * len(self.groups)
         try:
             with self._no_trace():
                 for row in coeffs.tolist():
-                    for group, g_start, g_end, c in zip(self.groups, start, end, row, strict=True):
-                        if g_start is None:
+                    for k, (group, g_start, g_end, c) in enumerate(zip(self.groups, start, end, row, strict=True)):
+                        if g_start is None or held[k] == c:
                             continue
                         for p, s, e in zip(group, g_start, g_end, strict=True):
                             torch.lerp(s, e, c, out=p)  # w(c) = w(t) + c * (w(t+1) - w(t))
+                        held[k] = c
                     values.append(_scalar_loss(self.loss_fn(self.model, batch)))
         finally:
             self.restore(end)

@@ -63,6 +63,26 @@ def test_probe_losses_match_manual_evaluation_and_parameters_are_bit_identical()
     assert_bit_identical(before, model)
 
 
+def test_a_design_whose_rows_share_coefficients_gives_each_point_its_own_loss_bit_for_bit():
+    # Consecutive rows that keep a group's coefficient skip that group's lerp: each loss must still equal the
+    # loss of its point probed alone.
+    model, groups = make()
+    batch = (torch.randn(16, 3), torch.randn(16, 1))
+    prober = Prober(model, mse, groups)
+    start = [[p.detach().clone() for p in g] for g in groups]
+    with torch.no_grad():
+        for g in groups:
+            for p in g:
+                p.add_(0.1 * torch.randn_like(p))
+    before = state(model)
+    design = torch.tensor([[0.0, 0.0], [1.0, 0.0], [-1.0, 0.0], [-1.0, 1.0], [0.0, -1.0], [0.0, -1.0], [1.0, 1.0]])
+    together = prober.losses(batch, start, design)
+    alone = torch.cat([prober.losses(batch, start, row.unsqueeze(0)) for row in design])
+    assert torch.equal(together, alone)
+    assert len(set(together.tolist())) > 4  # the points differ: a skipped lerp that was needed would show
+    assert_bit_identical(before, model)
+
+
 def test_parameters_survive_a_loss_that_raises_or_is_nan():
     model, groups = make()
     start = [[p.detach().clone() + 1.0 for p in g] for g in groups]
