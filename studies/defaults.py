@@ -140,6 +140,21 @@ VARIANTS: dict[str, dict] = {
         )
         for guard in PLATEAU
     },
+    # Fewer refits on the defaults since 2026-12-02 (issue 11 section 5: the overhead bar): stop refitting
+    # earlier (the plateau guard still cuts after), or let the gap grow further.
+    **{
+        f"defaults, refits in the first {int(until * 100)}%": dict(
+            probe="heldout", hidlr=dict(horizon=True, refit_until=until)
+        )
+        for until in (0.5, 0.7)
+    },
+    "defaults, gap 10-80": dict(probe="heldout", hidlr=dict(horizon=True, max_interval=80)),
+    "defaults, gap 20-80": dict(probe="heldout", hidlr=dict(horizon=True, interval=20, max_interval=80)),
+    # The plateau guard's jump threshold: a rise above it cuts at once (wide_deep's seed 1 needed 10%).
+    **{
+        f"defaults, plateau jump {jump:g}": dict(probe="heldout", hidlr=dict(horizon=True, plateau_jump=jump))
+        for jump in (0.1, 0.15)
+    },
     # HiDLR's defaults since 2026-12-02: the last of the rows above.
     NEW_DEFAULT: dict(probe="heldout", hidlr=dict(horizon=True)),
 }
