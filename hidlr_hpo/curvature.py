@@ -425,16 +425,18 @@ def unchanged_groups(points: torch.Tensor, losses: torch.Tensor) -> torch.Tensor
     x = points.to(torch.float64).tolist()
     y = losses.reshape(-1).tolist()
     k = points.shape[1]
-    centres = [y[i] for i, row in enumerate(x) if all(v == 0 for v in row)]
+    centres: list[float] = []
+    on_axis: list[list[float]] = [[] for _ in range(k)]  # losses of the points on each group's own axis
+    for row, loss in zip(x, y, strict=True):
+        moved = [j for j, v in enumerate(row) if v != 0]
+        if not moved:
+            centres.append(loss)
+        elif len(moved) == 1:
+            on_axis[moved[0]].append(loss)
     if not centres or not all(math.isfinite(v) for v in centres):
         return torch.zeros(k, dtype=torch.bool)
     l0 = centres[0]
-    flags = []
-    for j in range(k):
-        # rows on axis j: x_j != 0 and every other coordinate 0
-        on_axis = [y[i] for i, row in enumerate(x) if row[j] != 0 and all(v == 0 for m, v in enumerate(row) if m != j)]
-        flags.append(bool(on_axis) and all(v == l0 for v in on_axis))
-    return torch.tensor(flags, dtype=torch.bool)
+    return torch.tensor([bool(ys) and all(v == l0 for v in ys) for ys in on_axis], dtype=torch.bool)
 
 
 def apply_safeguards(
@@ -496,7 +498,7 @@ def apply_safeguards(
     if new is None:  # diag: each group on its own axis
         nonconvex = ~torch.isfinite(proposed) & ~dead
         nondescent = (fit.b <= 0) & ~nonconvex & ~dead
-        # torch.where, not masked assignment: the same values, without a host sync per mask
+        # torch.where, not masked assignment: the same values, cheaper on these K-vectors
         new = torch.where(nonconvex | dead, prev, proposed)
         new = torch.where(nondescent, prev * guards.nondescent_shrink, new)
         _record(fired, "nonconvex", nonconvex)
