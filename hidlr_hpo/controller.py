@@ -51,6 +51,7 @@ import torch
 from torch import nn
 
 from .curvature import (
+    QuadraticFit,
     Safeguards,
     apply_safeguards,
     check_mode,
@@ -535,6 +536,16 @@ class HiDLR(torch.optim.Optimizer):
                 self.step_count += 1
         return loss
 
+    # Two seams for research variants of the fit (studies/horizon_objectives.py subclasses HiDLR through them;
+    # docs/method.md says what they measured). HiDLR itself uses neither.
+    def _probe_start(self, start: list[list[torch.Tensor] | None]) -> list[list[torch.Tensor] | None]:
+        """The weights the probes scale from (x = 0 of the design): w(t), those before this step."""
+        return start
+
+    def _revised_fit(self, fit: QuadraticFit) -> QuadraticFit:
+        """The fit (rate units, live groups) the safeguards turn into rates: this refit's own."""
+        return fit
+
     def _warn_if_unguarded(self) -> None:
         """Warn once when half the planned steps (or 1000 without a horizon) passed without a validation
         report: the fast climb of believable proposals then runs without its brake."""
@@ -612,6 +623,7 @@ class HiDLR(torch.optim.Optimizer):
         probe_seconds = 0.0
         moving_all = applied > 0  # a group whose rate is 0 now (a scheduler's warm-up from 0) did not move
         moving, eta0_live, applied_live = moving_all[idx], eta0[idx], applied[idx]
+        probe_start = self._probe_start(start)
 
         def evaluate(points: torch.Tensor) -> torch.Tensor:
             nonlocal probe_seconds
@@ -621,7 +633,7 @@ class HiDLR(torch.optim.Optimizer):
             coeffs[:, idx] = points * torch.where(
                 moving, eta0_live / applied_live.clamp_min(1e-300), torch.zeros_like(eta0_live)
             )
-            losses = mean_over_ranks(self.prober.losses(batch, start, coeffs))
+            losses = mean_over_ranks(self.prober.losses(batch, probe_start, coeffs))
             probe_seconds += time.perf_counter() - t0
             self.probe_forwards += points.shape[0]
             return losses
@@ -638,7 +650,16 @@ class HiDLR(torch.optim.Optimizer):
             refit = self._refit_known_slope(start, evaluate, eta0, applied, n_accepted, dead, factor, guards)
         else:
             refit = refit_rates(
-                design, evaluate, eta0_live, self.mode, guards, n_accepted, self.inner, dead, applied_scale=factor
+                design,
+                evaluate,
+                eta0_live,
+                self.mode,
+                guards,
+                n_accepted,
+                self.inner,
+                dead,
+                applied_scale=factor,
+                revise=self._revised_fit,
             )
         fit, result, losses = refit.fit, refit.result, refit.losses
         self.n_refits += 1

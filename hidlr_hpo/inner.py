@@ -79,6 +79,7 @@ def refit_rates(
     inner: InnerSolver = None,
     dead: DeadGroups | None = None,
     applied_scale: float = 1.0,
+    revise: Callable[[QuadraticFit], QuadraticFit] | None = None,
 ) -> Refit:
     """Probe, fit or pick, and safeguard: the new base rates of one refit.
 
@@ -88,12 +89,14 @@ def refit_rates(
         eta0: the current base rates.
         dead: finds the groups that did not move; they keep their rate and stay out of the solve.
         applied_scale: the rates the step uses are these times this factor (the horizon's).
+        revise: maps the fit (in rate units) to the one the safeguards use (the fast path only; a research
+            variant averages it across refits, say). None: the fit itself.
     """
     dead = dead or (lambda points, losses: torch.zeros(points.shape[1], dtype=torch.bool))
     if inner is None:
         losses = evaluate(design)
         fit_x = fit_quadratic(design, losses, mode)
-        return _safeguarded(design, losses, fit_x, eta0, guards, n_accepted, dead, applied_scale)
+        return _safeguarded(design, losses, fit_x, eta0, guards, n_accepted, dead, applied_scale, revise)
     if inner == "hidlr":
         return _with_hidlr_sampler(design, evaluate, eta0, mode, guards, n_accepted, dead, applied_scale)
     return _with_optuna_sampler(inner, design.shape[0], evaluate, eta0, mode, guards, n_accepted, dead)  # type: ignore[arg-type]
@@ -104,8 +107,11 @@ def rate_units(fit_x: QuadraticFit, eta0: torch.Tensor) -> QuadraticFit:
     return fit_x.rescale(torch.where(eta0 > 0, eta0, torch.ones_like(eta0)))
 
 
-def _safeguarded(points, losses, fit_x: QuadraticFit, eta0, guards, n_accepted, dead, applied_scale) -> Refit:
+def _safeguarded(
+    points, losses, fit_x: QuadraticFit, eta0, guards, n_accepted, dead, applied_scale, revise=None
+) -> Refit:
     fit = rate_units(fit_x, eta0)
+    fit = fit if revise is None else revise(fit)
     result = apply_safeguards(eta0, fit, guards, n_accepted, dead(points, losses), applied_scale)
     return Refit(points, losses, fit, result)
 

@@ -119,6 +119,7 @@ def prepare(
     probe: ProbeSource = "heldout",
     device: str | torch.device = "cpu",
     grouping: str | None = None,
+    hidlr_class: type[HiDLR] = HiDLR,
 ) -> Prepared:
     """Build the model, its groups, the optimizer, the schedule and the HiDLR of a :func:`train` run, without
     training: a bad option raises here (``hidlr run`` calls it for every method before any trial)."""
@@ -170,7 +171,9 @@ def prepare(
         if "total_steps" not in kwargs:
             kwargs["total_steps"] = (total_steps if horizon else None) if isinstance(horizon, bool | None) else horizon
         # The loop draws each probe batch itself (a held-out one, or the batch just trained on) when one is due.
-        controller = HiDLR(opt, model, task.loss_fn, probes=None, **kwargs)
+        if not (isinstance(hidlr_class, type) and issubclass(hidlr_class, HiDLR)):
+            raise TypeError(f"hidlr_class must be HiDLR or a subclass of it, got {hidlr_class!r}")
+        controller = hidlr_class(opt, model, task.loss_fn, probes=None, **kwargs)
         controller._warned.add("unguarded")  # train() reports every epoch's validation loss, even a 1-epoch run's
 
     return Prepared(task, model, names, opt, scheduler, controller, gen, probe_gen)
@@ -195,6 +198,8 @@ def train(
     grouping: str | None = None,
     checks_per_epoch: int = 1,
     on_check: Callable[[int, float, float], None] | None = None,
+    probe_batch_size: int | None = None,
+    hidlr_class: type[HiDLR] = HiDLR,
 ) -> TrainResult:
     """Train ``task.make_model(seed)`` with ``optimizer`` over the task's groups.
 
@@ -208,7 +213,10 @@ def train(
         hidlr: keyword arguments of :class:`HiDLR` to tune the rates online; None trains at fixed ``lr``.
             ``horizon=True`` is replaced by the planned number of steps, ``horizon=False`` by None.
         probe: the probe batch: ``"train"`` (the batch just trained on) or ``"heldout"`` (a random
-            validation batch of the same size, so the fitted objective is a validation loss).
+            validation batch, so the fitted objective is a validation loss).
+        probe_batch_size: the held-out probe batch's size (None: ``batch_size``; at most the validation
+            split's size).
+        hidlr_class: HiDLR or a subclass of it (the research variants of ``studies/horizon_objectives.py``).
         on_epoch: called after every epoch with its log (progress display, tracking).
         checks_per_epoch, on_check: with ``checks_per_epoch = R > 1``, ``on_check(index, val_loss, compute)``
             is also called R - 1 times within each epoch, at evenly spaced steps (``index`` counts checks over
@@ -233,7 +241,17 @@ def train(
         probe=probe,
         device=device,
         grouping=grouping,
+        hidlr_class=hidlr_class,
     )
+    if probe_batch_size is not None and not (
+        isinstance(probe_batch_size, int) and not isinstance(probe_batch_size, bool) and probe_batch_size >= 1
+    ):
+        raise ValueError(f"probe_batch_size must be None or an int >= 1, got {probe_batch_size!r}")
+    if probe_batch_size is not None and probe != "heldout":
+        raise ValueError(
+            "probe_batch_size sets the held-out probe batch; with probe='train' the probe is the batch trained on"
+        )
+    probe_size = batch_size if probe_batch_size is None else probe_batch_size
     task, model, opt, scheduler, controller = run.task, run.model, run.optimizer, run.scheduler, run.controller
     names, gen, probe_gen = run.names, run.gen, run.probe_gen
     result = TrainResult(hidlr=controller)
@@ -257,7 +275,7 @@ def train(
             else:
                 probe_batch = None
                 if controller.refit_due:
-                    probe_batch = (x, y) if probe == "train" else _random_batch(task.val, batch_size, probe_gen)
+                    probe_batch = (x, y) if probe == "train" else _random_batch(task.val, probe_size, probe_gen)
                 forwards_before = controller.probe_forwards
                 controller.step(probe_batch=probe_batch)
                 if probe_batch is not None:

@@ -18,8 +18,10 @@ import warnings
 from pathlib import Path
 
 import torch
+from horizon_objectives import AveragedFit, DiscountedAveragedFit, DiscountedTrajectory  # studies/, beside this script
 from rich.progress import Progress
 
+from hidlr_hpo import HiDLR
 from hidlr_hpo.tasks import get_task
 from hidlr_hpo.training import TrainResult, train
 
@@ -155,6 +157,36 @@ VARIANTS: dict[str, dict] = {
         f"defaults, plateau jump {jump:g}": dict(probe="heldout", hidlr=dict(horizon=True, plateau_jump=jump))
         for jump in (0.1, 0.15)
     },
+    # Issue 11 section 2, the directions not measured before: a longer-horizon objective (MARTHE's discounted
+    # trajectory, first order) and noise-aware fits ((b, A) averaged over refits; the probe batch's size).
+    # The subclasses are in studies/horizon_objectives.py.
+    **{
+        f"defaults, discounted trajectory mu={mu:g}": dict(
+            probe="heldout", hidlr=dict(horizon=True, discount=mu), cls=DiscountedTrajectory
+        )
+        for mu in (0.5, 0.9)
+    },
+    **{
+        f"defaults, (b, A) averaged s={s:g}, rates unsmoothed": dict(
+            probe="heldout", hidlr=dict(horizon=True, fit_smoothing=s), cls=AveragedFit
+        )
+        for s in (0.5, 0.8)
+    },
+    **{  # the same averages under the default rate safeguards (smoothing 0.9 beyond 4x, as the defaults)
+        f"defaults, (b, A) averaged s={s:g}": dict(
+            probe="heldout", hidlr=dict(horizon=True, fit_smoothing=s, smoothing=0.9), cls=AveragedFit
+        )
+        for s in (0.5, 0.8)
+    },
+    # The control for the rows above: the rates unsmoothed, each refit's own fit.
+    "defaults, rates unsmoothed": dict(probe="heldout", hidlr=dict(horizon=True, smoothing=0.0)),
+    "defaults, discounted trajectory mu=0.9, (b, A) averaged s=0.8, rates unsmoothed": dict(
+        probe="heldout", hidlr=dict(horizon=True, discount=0.9, fit_smoothing=0.8), cls=DiscountedAveragedFit
+    ),
+    **{
+        f"defaults, probe batch {size}": dict(probe="heldout", hidlr=dict(horizon=True), probe_batch_size=size)
+        for size in (16, 256)
+    },
     # HiDLR's defaults since 2026-12-02: the last of the rows above.
     NEW_DEFAULT: dict(probe="heldout", hidlr=dict(horizon=True)),
 }
@@ -206,7 +238,17 @@ def main() -> None:
             schedule = {"schedule": spec.get("schedule", "constant"), "warmup": spec.get("warmup", 0.0)}
             swept[label] = {
                 lr: [
-                    train(task, lr=lr, epochs=args.epochs, seed=s, hidlr=spec["hidlr"], probe=spec["probe"], **schedule)
+                    train(
+                        task,
+                        lr=lr,
+                        epochs=args.epochs,
+                        seed=s,
+                        hidlr=spec["hidlr"],
+                        probe=spec["probe"],
+                        hidlr_class=spec.get("cls", HiDLR),
+                        probe_batch_size=spec.get("probe_batch_size"),
+                        **schedule,
+                    )
                     for s in seeds
                 ]
                 for lr in STARTS

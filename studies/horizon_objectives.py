@@ -1,0 +1,96 @@
+"""Research variants of HiDLR for issue 11, section 2: a longer-horizon objective and noise-aware fits.
+
+They are subclasses, not options of the library: they are measured by ``studies/defaults.py`` (the labels
+"defaults, discounted trajectory mu" and "defaults, (b, A) averaged s") and kept only if they win
+(docs/method.md says what they measured). Each uses one of HiDLR's two seams, ``_probe_start`` and
+``_revised_fit``.
+
+**Discounted trajectory** (the first-order form of MARTHE, Donini et al. 2020): greedy Hi-DLR probes
+``w(t) + x_k u_k``, the last step's update scaled, so the fitted rate is the one that minimises the *next*
+loss. MARTHE's hypergradient follows the tangent Z_t = mu * (dPhi/dw) Z_{t-1} + dPhi/deta, the derivative of
+the weights with respect to a rate held over the past steps, discounted by mu (mu = 0: greedy; mu = 1: the
+whole run). With dPhi/dw ~ I (first order, no Hessian-vector product), Z_t is the discounted sum of the past
+updates, D = sum_j mu^j (w(t+1-j) - w(t-j)), and it telescopes:
+
+    D = w(t+1) - e(t),    e(t) = mu * e(t-1) + (1 - mu) * w(t)    (an exponential average of the weights)
+
+so probing along D is probing ``lerp(e(t), w(t+1), c)``: the design's x = 0 is the weights' average instead
+of w(t). Along D the oscillating components of the updates (high curvature) cancel and the consistent ones
+(low curvature) add up, which is the mechanism of the short-horizon bias (Wu et al., 2018). The step taken is
+still rescaled from w(t). Cost: one ``lerp_`` per parameter tensor per step and one copy of the weights.
+
+**(b, A) averaged across refits** (a noise-aware fit): the quadratic's statistics, in rate units, are an
+exponential average over refits, b <- s b_prev + (1 - s) b, A <- s A_prev + (1 - s) A (the first fit taken as
+it is), and the proposal b_k / A_kk comes from the averages; the rates themselves are then not smoothed
+(``smoothing=0``), the trust region still applies. One probe batch's noise in b and A is averaged out instead
+of the rates' (GeN smooths the rates).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from hidlr_hpo import HiDLR
+from hidlr_hpo.curvature import QuadraticFit
+
+
+class DiscountedTrajectory(HiDLR):
+    """HiDLR whose probes scale the discounted sum of the recent updates, w(t+1) - e(t), not the last one."""
+
+    def __init__(self, *args: Any, discount: float, **kwargs: Any) -> None:
+        if not 0.0 <= discount < 1.0:
+            raise ValueError(f"discount must be in [0, 1) (0: greedy Hi-DLR), got {discount!r}")
+        if kwargs.get("slope", "probes") != "probes" or kwargs.get("freeze") is not None:
+            raise ValueError(
+                "the discounted trajectory fits b from the probes, on every group: slope='probes', no freeze"
+            )
+        super().__init__(*args, **kwargs)
+        self.discount = discount
+        self._average: list[list[torch.Tensor]] | None = None  # e(t), the weights' exponential average
+
+    @torch.no_grad()
+    def step(self, closure: Any = None, *, probe_batch: Any = None) -> Any:  # type: ignore[override]
+        if self._average is None:  # e(-1) = w(0): D at the first step is that step's update
+            self._average = self.prober.snapshot()
+        loss = super().step(closure, probe_batch=probe_batch)
+        for group, average in zip(self.prober.groups, self._average, strict=True):
+            for p, e in zip(group, average, strict=True):
+                e.lerp_(p, 1.0 - self.discount)  # e(t) = mu e(t-1) + (1 - mu) w(t+1), after the (rescaled) step
+        return loss
+
+    def _probe_start(self, start: list[list[torch.Tensor] | None]) -> list[list[torch.Tensor] | None]:
+        assert self._average is not None
+        return [None if s is None else e for s, e in zip(start, self._average, strict=True)]
+
+
+class AveragedFit(HiDLR):
+    """HiDLR whose proposals come from (b, A) averaged over refits, with the rates themselves unsmoothed."""
+
+    def __init__(self, *args: Any, fit_smoothing: float, **kwargs: Any) -> None:
+        if not 0.0 <= fit_smoothing < 1.0:
+            raise ValueError(f"fit_smoothing must be in [0, 1), got {fit_smoothing!r}")
+        if kwargs.get("freeze") is not None or kwargs.get("inner") is not None:
+            raise ValueError("the averaged fit averages every group's statistics on the fast path: no freeze, no inner")
+        kwargs.setdefault("smoothing", 0.0)
+        super().__init__(*args, **kwargs)
+        self.fit_smoothing = fit_smoothing
+        self._b: torch.Tensor | None = None
+        self._a: torch.Tensor | None = None
+
+    def _revised_fit(self, fit: QuadraticFit) -> QuadraticFit:
+        if not fit.is_finite:  # rejected by the safeguards anyway; the averages keep what they had
+            return fit
+        s = self.fit_smoothing
+        if self._b is None or self._a is None:
+            self._b, self._a = fit.b, fit.A
+        else:
+            self._b = s * self._b + (1.0 - s) * fit.b  # b <- s b_prev + (1 - s) b
+            self._a = s * self._a + (1.0 - s) * fit.A  # A <- s A_prev + (1 - s) A
+        return replace(fit, b=self._b.clone(), A=self._a.clone())
+
+
+class DiscountedAveragedFit(DiscountedTrajectory, AveragedFit):
+    """Both at once: probes along the discounted trajectory, proposals from (b, A) averaged over refits."""
