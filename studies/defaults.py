@@ -18,7 +18,12 @@ import warnings
 from pathlib import Path
 
 import torch
-from horizon_objectives import AveragedFit, DiscountedAveragedFit, DiscountedTrajectory  # studies/, beside this script
+from horizon_objectives import (
+    AveragedFit,
+    DiscountedAveragedFit,
+    DiscountedTrajectory,
+    NoiseGated,
+)  # studies/, beside this script
 from rich.progress import Progress
 
 from hidlr_hpo import HiDLR
@@ -183,9 +188,12 @@ VARIANTS: dict[str, dict] = {
     "defaults, discounted trajectory mu=0.9, (b, A) averaged s=0.8, rates unsmoothed": dict(
         probe="heldout", hidlr=dict(horizon=True, discount=0.9, fit_smoothing=0.8), cls=DiscountedAveragedFit
     ),
+    "defaults, probe batch 128 in two halves, changes within the noise kept": dict(
+        probe="heldout", hidlr=dict(horizon=True, gate_z=1.0), cls=NoiseGated, probe_batch_size=128
+    ),
     **{
         f"defaults, probe batch {size}": dict(probe="heldout", hidlr=dict(horizon=True), probe_batch_size=size)
-        for size in (16, 256)
+        for size in (16, 128, 256)
     },
     # HiDLR's defaults since 2026-12-02: the last of the rows above.
     NEW_DEFAULT: dict(probe="heldout", hidlr=dict(horizon=True)),

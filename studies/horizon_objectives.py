@@ -24,17 +24,26 @@ exponential average over refits, b <- s b_prev + (1 - s) b, A <- s A_prev + (1 -
 it is), and the proposal b_k / A_kk comes from the averages; the rates themselves are then not smoothed
 (``smoothing=0``), the trust region still applies. One probe batch's noise in b and A is averaged out instead
 of the rates' (GeN smooths the rates).
+
+**Changes within the noise kept** (a noise-aware fit): the probe batch is split in two halves, the design is
+evaluated on each, and the pooled losses (their mean) are fitted as usual. For each group the predicted gain
+of moving from the current rate eta0 to the proposal p (clipped to the trust region) is computed under each
+half's fit, G_h = q_h(eta0) - q_h(p); the change is accepted only when mean(G) > z * |G_1 - G_2| / 2 (the
+standard error of a mean of two). Otherwise the group's fit is revised so that its minimum is eta0
+(b_k = A_kk eta0_k), and the safeguards keep its rate.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import Any
 
 import torch
 
 from hidlr_hpo import HiDLR
-from hidlr_hpo.curvature import QuadraticFit
+from hidlr_hpo.curvature import QuadraticFit, fit_quadratic
+from hidlr_hpo.inner import rate_units
 
 
 class DiscountedTrajectory(HiDLR):
@@ -94,3 +103,67 @@ class AveragedFit(HiDLR):
 
 class DiscountedAveragedFit(DiscountedTrajectory, AveragedFit):
     """Both at once: probes along the discounted trajectory, proposals from (b, A) averaged over refits."""
+
+
+class _HalvesProber:
+    """A Prober that evaluates the design on the two halves of an (x, y) probe batch and returns the mean."""
+
+    def __init__(self, prober: Any) -> None:
+        self.inner = prober
+        self.halves: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.coeffs: torch.Tensor | None = None
+
+    def __getattr__(self, name: str) -> Any:  # snapshot, restore, groups: the wrapped prober's
+        return getattr(self.inner, name)
+
+    def losses(self, batch: Any, start: Any, coeffs: torch.Tensor) -> torch.Tensor:
+        x, y = batch
+        n = len(y) // 2
+        first = self.inner.losses((x[:n], y[:n]), start, coeffs)
+        second = self.inner.losses((x[n : 2 * n], y[n : 2 * n]), start, coeffs)
+        self.halves, self.coeffs = (first, second), coeffs
+        return (first + second) / 2
+
+
+class NoiseGated(HiDLR):
+    """HiDLR that keeps a group's rate when the two probe half-batches do not agree that moving it gains."""
+
+    def __init__(self, *args: Any, gate_z: float, **kwargs: Any) -> None:
+        if not gate_z >= 0:
+            raise ValueError(f"gate_z must be >= 0, got {gate_z!r}")
+        if kwargs.get("mode", "diag") != "diag" or kwargs.get("freeze") is not None or kwargs.get("inner") is not None:
+            raise ValueError("the noise gate is for the diag fit on the fast path: mode='diag', no freeze, no inner")
+        if kwargs.get("slope", "probes") != "probes" or kwargs.get("batched_probes", False):
+            raise ValueError("the noise gate splits the probe batch: slope='probes', batched_probes=False")
+        super().__init__(*args, **kwargs)
+        self.gate_z = gate_z
+        self.prober = _HalvesProber(self.prober)  # type: ignore[assignment]
+        self._rates: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.n_gated = 0  # group changes kept at the current rate by the gate
+
+    def _refit(self, batch, start, scheduled, eta0, applied, factor, gap):  # type: ignore[no-untyped-def]
+        self._rates = (eta0, applied)  # eta0: the levels the fit is in units of; applied: what the step used
+        return super()._refit(batch, start, scheduled, eta0, applied, factor, gap)
+
+    def _revised_fit(self, fit: QuadraticFit) -> QuadraticFit:
+        prober, rates = self.prober, self._rates
+        assert isinstance(prober, _HalvesProber) and prober.halves is not None and rates is not None
+        if not fit.is_finite:
+            return fit
+        eta0, applied = rates
+        # The design in multipliers of eta0 from the probes' coefficients: c_k = x_k eta0_k / applied_k.
+        points = prober.coeffs * torch.where(applied > 0, applied / eta0.clamp_min(1e-300), 0.0)
+        halves = [rate_units(fit_quadratic(points, losses, "diag"), eta0) for losses in prober.halves]
+        b, a = fit.b.clone(), fit.A.diagonal().clone()
+        trust = self.guards.trust_ratio or math.inf
+        for k in range(len(b)):
+            if not (a[k] > 0 and b[k] > 0):
+                continue  # no minimum or no descent: the safeguards keep the rate anyway
+            target = float(min(max(b[k] / a[k], eta0[k] / trust), eta0[k] * trust))  # the proposal, trust-clipped
+            now = float(eta0[k])
+            # G = q(now) - q(target) along axis k, with q(r) = L0 - b r + 1/2 A r^2
+            gains = [-float(h.b[k]) * (now - target) + 0.5 * float(h.A[k, k]) * (now**2 - target**2) for h in halves]
+            if not sum(gains) / 2 > self.gate_z * abs(gains[0] - gains[1]) / 2:
+                b[k] = a[k] * now  # the revised fit's minimum is the current rate
+                self.n_gated += 1
+        return replace(fit, b=b)

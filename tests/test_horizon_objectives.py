@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from hidlr_hpo import HiDLR, group_parameters
-from hidlr_hpo.curvature import QuadraticFit
+from hidlr_hpo.curvature import QuadraticFit, axial_design, fit_quadratic
+from hidlr_hpo.inner import rate_units
 from hidlr_hpo.tasks import get_task
 from hidlr_hpo.training import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "studies"))
-from horizon_objectives import AveragedFit, DiscountedTrajectory  # noqa: E402
+from horizon_objectives import AveragedFit, DiscountedTrajectory, NoiseGated  # noqa: E402
 
 
 def _model_and_data(seed: int = 0):
@@ -123,12 +124,62 @@ def test_averaged_fit_decides_on_the_averaged_statistics_and_records_them():
                 assert records[j].proposed[k] == pytest.approx(b / row[k], rel=1e-12)
 
 
+def test_noise_gate_with_two_identical_halves_is_hidlr_on_one_half_bit_for_bit():
+    """No noise between the halves: every change with a positive predicted gain is accepted."""
+    model, batches, (x, y) = _model_and_data()
+    plain, _ = _run(HiDLR)
+
+    def run_gated():
+        model, batches, (x, y) = _model_and_data()
+        opt = torch.optim.AdamW(group_parameters(model, "layer"), lr=1e-2)
+        gated = NoiseGated(opt, model, _loss, probes=None, total_steps=20, interval=2, max_interval=None, gate_z=1.0)
+        doubled = (torch.cat([x, x]), torch.cat([y, y]))
+        for batch in batches:
+            _loss(model, batch).backward()
+            gated.step(probe_batch=doubled if gated.refit_due else None)
+            opt.zero_grad()
+        return gated
+
+    gated = run_gated()
+    assert gated.n_gated == 0
+    assert [r.losses for r in gated.history] == [r.losses for r in plain.history]
+    assert [r.lrs for r in gated.history] == [r.lrs for r in plain.history]
+
+
+def test_noise_gate_keeps_the_rate_of_a_group_whose_halves_disagree():
+    """Group 0: both halves gain from moving; group 1: one half gains, the other loses more than it."""
+    model, _, _ = _model_and_data()
+    opt = torch.optim.AdamW(group_parameters(model, "layer"), lr=1e-2)
+    gated = NoiseGated(opt, model, _loss, probes=None, total_steps=None, gate_z=1.0)
+    points = axial_design(2)
+    eta0 = torch.tensor([0.5, 2.0], dtype=torch.float64)
+
+    def quadratic(b, a):  # L(x) = 1 - b^T x + 1/2 sum_k a_k x_k^2, in multipliers x of eta0
+        b, a = torch.tensor(b, dtype=torch.float64), torch.tensor(a, dtype=torch.float64)
+        return 1.0 - points @ b + 0.5 * (points**2) @ a
+
+    # x = 1 is the current rate. Pooled: group 0 proposes 1.9x (gains 0.495 and 0.315 at 1.9x: accepted),
+    # group 1 2.2x, clipped to 2x by the trust region, where the halves predict +2.5 and -1.1 (mean 0.7 < 1.8).
+    first, second = quadratic([2.0, 4.0], [1.0, 1.0]), quadratic([1.8, 0.4], [1.0, 1.0])
+    gated.prober.halves, gated.prober.coeffs = (first, second), points  # applied = eta0: c = x
+    gated._rates = (eta0, eta0.clone())
+    pooled = rate_units(fit_quadratic(points, (first + second) / 2, "diag"), eta0)
+    revised = gated._revised_fit(pooled)
+    assert gated.n_gated == 1
+    assert float(pooled.b[1] / pooled.A[1, 1]) == pytest.approx(2.2 * 2.0, rel=1e-12)  # what the gate stops
+    assert revised.b[0] == pooled.b[0]  # both halves say go up: the proposal stands
+    assert revised.b[1] == pytest.approx(float(pooled.A[1, 1] * eta0[1]), rel=1e-12)  # minimum at eta0
+    assert float(revised.b[1] / revised.A[1, 1]) == pytest.approx(2.0, rel=1e-12)
+
+
 @pytest.mark.parametrize(
     "cls, kwargs, message",
     [
         (DiscountedTrajectory, {"discount": 1.0}, "discount must be in"),
         (DiscountedTrajectory, {"discount": 0.5, "slope": "gradient"}, "slope='probes'"),
         (AveragedFit, {"fit_smoothing": -0.1}, "fit_smoothing must be in"),
+        (NoiseGated, {"gate_z": 1.0, "mode": "full"}, "diag fit"),
+        (NoiseGated, {"gate_z": -1.0}, "gate_z must be"),
     ],
 )
 def test_the_variants_refuse_what_they_do_not_support(cls, kwargs, message):
