@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,8 +15,15 @@ from hidlr_hpo.inner import rate_units
 from hidlr_hpo.tasks import get_task
 from hidlr_hpo.training import train
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "studies"))
-from horizon_objectives import AveragedFit, DiscountedTrajectory, NoiseGated  # noqa: E402
+# Loaded from its file: putting studies/ on sys.path would let studies/peft.py shadow the peft package.
+_SPEC = importlib.util.spec_from_file_location(
+    "horizon_objectives", Path(__file__).resolve().parents[1] / "studies" / "horizon_objectives.py"
+)
+horizon_objectives = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(horizon_objectives)
+AveragedFit = horizon_objectives.AveragedFit
+DiscountedTrajectory = horizon_objectives.DiscountedTrajectory
+NoiseGated = horizon_objectives.NoiseGated
 
 
 def _model_and_data(seed: int = 0):
