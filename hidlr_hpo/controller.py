@@ -529,6 +529,7 @@ class HiDLR(torch.optim.Optimizer):
                 refitted = self._refit(probe_batch, start, scheduled_t, level, applied_t, factor, gap)
                 self._last_applied = refitted.tolist()
                 self._adapt_gap(before, gap)
+            self._after_step()
         finally:
             self._set_lrs(scheduled)  # the user's (scheduler's) own values, untouched
             self._grad_sumsq.clear()
@@ -536,15 +537,19 @@ class HiDLR(torch.optim.Optimizer):
                 self.step_count += 1
         return loss
 
-    # Two seams for research variants of the fit (studies/horizon_objectives.py subclasses HiDLR through them;
-    # docs/method.md says what they measured). HiDLR itself uses neither.
+    # Three seams for research variants (studies/horizon_objectives.py subclasses HiDLR through them;
+    # docs/method.md says what they measured). In HiDLR itself they are identities.
     def _probe_start(self, start: list[list[torch.Tensor] | None]) -> list[list[torch.Tensor] | None]:
         """The weights the probes scale from (x = 0 of the design): w(t), those before this step."""
         return start
 
     def _revised_fit(self, fit: QuadraticFit) -> QuadraticFit:
-        """The fit (rate units, live groups) the safeguards turn into rates: this refit's own."""
+        """The fit (rate units, live groups) the safeguards turn into rates: this refit's own. Called on the
+        fast path only (``inner=None``, ``slope="probes"``)."""
         return fit
+
+    def _after_step(self) -> None:
+        """Called once the base optimizer stepped (and a refit rescaled the step), before the count advances."""
 
     def _warn_if_unguarded(self) -> None:
         """Warn once when half the planned steps (or 1000 without a horizon) passed without a validation

@@ -8,6 +8,7 @@ validation and test splits is not counted: every method pays it alike.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -226,6 +227,7 @@ def train(
         device: where the model, the data and the probes live ("cpu", "cuda"); the same code path.
         grouping: overrides the task's grouping strategy (``"single"``: one group, GeN).
     """
+    _check_probe_options(task, hidlr, probe, probe_batch_size, hidlr_class)
     start = time.perf_counter()
     run = prepare(
         task,
@@ -243,14 +245,6 @@ def train(
         grouping=grouping,
         hidlr_class=hidlr_class,
     )
-    if probe_batch_size is not None and not (
-        isinstance(probe_batch_size, int) and not isinstance(probe_batch_size, bool) and probe_batch_size >= 1
-    ):
-        raise ValueError(f"probe_batch_size must be None or an int >= 1, got {probe_batch_size!r}")
-    if probe_batch_size is not None and probe != "heldout":
-        raise ValueError(
-            "probe_batch_size sets the held-out probe batch; with probe='train' the probe is the batch trained on"
-        )
     probe_size = batch_size if probe_batch_size is None else probe_batch_size
     task, model, opt, scheduler, controller = run.task, run.model, run.optimizer, run.scheduler, run.controller
     names, gen, probe_gen = run.names, run.gen, run.probe_gen
@@ -351,6 +345,29 @@ def _rate_scale(group: dict[str, Any]) -> float:
     """What multiplies a group's lr in its step: SAGE's mean sensitivity multiplier, or the distance estimate d
     of Prodigy and D-Adaptation (their lr is a multiplier of d); 1 for the others."""
     return float(group.get("mean_scale", 1.0)) * float(group.get("d", 1.0))
+
+
+def _check_probe_options(
+    task: Task, hidlr: dict[str, Any] | None, probe: str, probe_batch_size: int | None, hidlr_class: type
+) -> None:
+    """train()'s probe options, before anything is built."""
+    if hidlr is None and (probe_batch_size is not None or hidlr_class is not HiDLR):
+        raise ValueError("probe_batch_size and hidlr_class shape a Hi-DLR run: pass hidlr={...} too")
+    if probe_batch_size is None:
+        return
+    if isinstance(probe_batch_size, bool) or not isinstance(probe_batch_size, int) or probe_batch_size < 1:
+        raise ValueError(f"probe_batch_size must be None or an int >= 1, got {probe_batch_size!r}")
+    if probe != "heldout":
+        raise ValueError(
+            "probe_batch_size sets the held-out probe batch; with probe='train' the probe is the batch trained on"
+        )
+    if probe_batch_size > len(task.val):
+        warnings.warn(
+            f"probe_batch_size={probe_batch_size} is larger than the validation split ({len(task.val)} examples): "
+            "each probe batch is the whole split",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _random_batch(split: Split, batch_size: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import math
 from pathlib import Path
@@ -168,8 +169,10 @@ def test_noise_gate_keeps_the_rate_of_a_group_whose_halves_disagree():
     # x = 1 is the current rate. Pooled: group 0 proposes 1.9x (gains 0.495 and 0.315 at 1.9x: accepted),
     # group 1 2.2x, clipped to 2x by the trust region, where the halves predict +2.5 and -1.1 (mean 0.7 < 1.8).
     first, second = quadratic([2.0, 4.0], [1.0, 1.0]), quadratic([1.8, 0.4], [1.0, 1.0])
-    gated.prober.halves, gated.prober.coeffs = (first, second), points  # applied = eta0: c = x
-    gated._rates = (eta0, eta0.clone())
+    # The step used half the level (a horizon factor 0.5), so the probes' coefficients are c = x eta0 / applied = 2x.
+    applied = 0.5 * eta0
+    gated.prober.halves, gated.prober.coeffs = (first, second), points * (eta0 / applied)
+    gated._context = (eta0, applied, 0)
     pooled = rate_units(fit_quadratic(points, (first + second) / 2, "diag"), eta0)
     revised = gated._revised_fit(pooled)
     assert gated.n_gated == 1
@@ -216,9 +219,97 @@ def test_train_probe_batch_size_sets_the_held_out_batch_and_its_compute():
         ({"probe_batch_size": 0}, ValueError, "probe_batch_size must be"),
         ({"probe_batch_size": 16, "probe": "train"}, ValueError, "held-out probe batch"),
         ({"hidlr_class": torch.optim.AdamW}, TypeError, "hidlr_class must be HiDLR"),
+        ({"hidlr": None, "probe_batch_size": 16}, ValueError, "pass hidlr="),
+        ({"hidlr": None, "hidlr_class": DiscountedTrajectory}, ValueError, "pass hidlr="),
     ],
 )
 @pytest.mark.usefixtures("_float32")
 def test_train_refuses_a_bad_probe_batch_size_or_class(kwargs, error, message):
     with pytest.raises(error, match=message):
-        train(get_task("digits"), lr=1e-3, epochs=1, hidlr=dict(horizon=True), **kwargs)
+        train(get_task("digits"), lr=1e-3, epochs=1, **{"hidlr": dict(horizon=True), **kwargs})
+
+
+VARIANTS = [
+    (DiscountedTrajectory, {"discount": 0.7}),
+    (AveragedFit, {"fit_smoothing": 0.5}),
+    (NoiseGated, {"gate_z": 1.0}),
+    (horizon_objectives.DiscountedAveragedFit, {"discount": 0.7, "fit_smoothing": 0.5}),
+]
+
+
+def _steps(hidlr, model, batches, probe):
+    for batch in batches:
+        _loss(model, batch).backward()
+        hidlr.step(probe_batch=probe if hidlr.refit_due else None)
+        hidlr.zero_grad()
+
+
+@pytest.mark.parametrize("cls, kwargs", VARIANTS, ids=lambda v: getattr(v, "__name__", ""))
+def test_a_variant_resumed_from_its_state_dict_continues_bit_for_bit(cls, kwargs):
+    def build():
+        model, batches, (x, y) = _model_and_data()
+        opt = torch.optim.AdamW(group_parameters(model, "layer"), lr=1e-2)
+        hidlr = cls(opt, model, _loss, probes=None, total_steps=20, interval=2, max_interval=None, **kwargs)
+        return hidlr, model, batches, (torch.cat([x, x[:16]]), torch.cat([y, y[:16]]))  # halves that differ
+
+    straight, model, batches, probe = build()
+    _steps(straight, model, batches, probe)
+    first, model1, batches1, probe1 = build()
+    _steps(first, model1, batches1[:3], probe1)
+    saved = copy.deepcopy(first.state_dict())
+    resumed, model2, batches2, probe2 = build()
+    model2.load_state_dict(model1.state_dict())
+    resumed.load_state_dict(saved)
+    _steps(resumed, model2, batches2[3:], probe2)
+    assert [r.lrs for r in resumed.history] == [r.lrs for r in straight.history]
+    for p, q in zip(model.parameters(), model2.parameters(), strict=True):
+        assert torch.equal(p, q)
+    with pytest.raises(ValueError, match="other settings"):  # a variant's checkpoint does not load into HiDLR
+        plain_model, _, _ = _model_and_data()
+        opt = torch.optim.AdamW(group_parameters(plain_model, "layer"), lr=1e-2)
+        HiDLR(opt, plain_model, _loss, probes=None, total_steps=20, interval=2, max_interval=None).load_state_dict(
+            saved
+        )
+
+
+@pytest.mark.parametrize("cls, kwargs", VARIANTS, ids=lambda v: getattr(v, "__name__", ""))
+def test_a_variant_runs_step_hooks_once_and_copies(cls, kwargs):
+    HiDLR(*_plain_args(), probes=None, total_steps=None)  # a plain HiDLR first: torch wraps HiDLR.step too
+    model, batches, probe = _model_and_data()
+    opt = torch.optim.AdamW(group_parameters(model, "layer"), lr=1e-2)
+    hidlr = cls(opt, model, _loss, probes=None, total_steps=20, interval=2, max_interval=None, **kwargs)
+    calls = []
+    hidlr.register_step_post_hook(lambda *args: calls.append(1))
+    _steps(hidlr, model, batches[:3], probe)
+    assert len(calls) == 3
+    clone = copy.deepcopy(hidlr)
+    assert clone.config() == hidlr.config()
+
+
+def _plain_args():
+    model, _, _ = _model_and_data()
+    opt = torch.optim.AdamW(group_parameters(model, "layer"), lr=1e-2)
+    return opt, model, _loss
+
+
+def test_averaged_fit_refuses_the_known_slope_and_the_gate_a_one_example_batch():
+    opt, model, loss = _plain_args()
+    with pytest.raises(ValueError, match="slope='probes'"):
+        AveragedFit(opt, model, loss, probes=None, total_steps=None, fit_smoothing=0.5, slope="gradient")
+    gated = NoiseGated(opt, model, loss, probes=None, total_steps=None, gate_z=1.0)
+    loss(model, (torch.randn(4, 5), torch.randn(4, 1))).backward()
+    with pytest.raises(ValueError, match="two halves"):
+        gated.step(probe_batch=(torch.randn(1, 5), torch.randn(1, 1)))
+
+
+@pytest.mark.usefixtures("_float32")
+def test_train_builds_the_hidlr_class_it_is_given():
+    result = train(get_task("digits"), lr=1e-3, epochs=1, hidlr=dict(horizon=True, discount=0.5),
+                   hidlr_class=DiscountedTrajectory)  # fmt: skip
+    assert type(result.hidlr) is DiscountedTrajectory and result.hidlr.n_refits > 0
+
+
+@pytest.mark.usefixtures("_float32")
+def test_a_probe_batch_larger_than_the_validation_split_is_warned():
+    with pytest.warns(UserWarning, match="larger than the validation split"):
+        train(get_task("digits"), lr=1e-3, epochs=1, hidlr=dict(horizon=True), probe_batch_size=10_000)
